@@ -1,0 +1,39 @@
+"""Entry point: `deepspeed launch/train.py --config configs/demo.yaml [key=value ...]`.
+
+Also runs under `torchrun --nproc_per_node N`, under `srun`, or as a plain single process. On a machine
+without GPUs it uses DeepSpeed's CPU accelerator and gloo by itself.
+"""
+
+import argparse
+import os
+import sys
+
+from spt_dist.config import load_config
+from spt_dist.errors import UserError
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML run config (see configs/)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        cfg = load_config(args.config, args.overrides)  # before any process group: fails fast on every rank
+        from spt_dist.distributed import init_distributed
+        from spt_dist.trainer import Trainer
+        Trainer(cfg, init_distributed(cfg.engine.timeout_s)).fit()
+    except UserError as e:
+        if rank == 0:  # every rank hits the same mistake; say it once
+            print(f"spt_dist: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

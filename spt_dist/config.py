@@ -1,0 +1,248 @@
+"""Typed run configuration: YAML file + dotted `key=value` overrides, validated on load.
+
+One dataclass per section. Loading checks every key against the schema (unknown keys, wrong types and
+impossible values are rejected with a one-line `UserError` naming the key), so a typo fails before any
+process group or model exists. The resolved config is written into the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from spt_dist.atomic import write_text
+from spt_dist.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_test_tiny_patch8_32"
+    checkpoint: str | None = None  # local weights file (.safetensors / .pth); nothing is downloaded
+    img_size: int | None = None  # None: the model's default resolution
+    drop_path_rate: float = 0.0
+
+    def validate(self) -> None:
+        _check(self.img_size is None or self.img_size > 0, "model.img_size", self.img_size, "must be > 0")
+        _check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", self.drop_path_rate, "must be in [0, 1)")
+        if self.checkpoint is not None and not os.path.isfile(self.checkpoint):
+            raise UserError(f"model.checkpoint: no such file '{self.checkpoint}'")
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = "data/synthetic/train-{000000..000007}.tar"
+    eval_shards: str = "data/synthetic/test-{000000..000001}.tar"
+    num_classes: int | None = None  # None: read from classes.json next to the train shards
+    train_samples: int | None = None  # None: read from sizes.json next to the train shards
+    batch_size: int = 32  # per rank and micro-step
+    eval_batch_size: int = 64
+    workers: int = 2
+    shuffle_buffer: int = 1000
+    augment: bool = False  # timm's training augmentation (random resized crop, flip); off: resize only
+    crop_pct: float = 1.0
+
+    def validate(self) -> None:
+        for key in ("batch_size", "eval_batch_size"):
+            _check(getattr(self, key) > 0, f"data.{key}", getattr(self, key), "must be > 0")
+        _check(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, "must be >= 1")
+        _check(self.num_classes is None or self.num_classes >= 2, "data.num_classes", self.num_classes, "must be >= 2")
+        _check(self.train_samples is None or self.train_samples > 0, "data.train_samples", self.train_samples, "must be > 0")
+        _check(0.0 < self.crop_pct <= 1.0, "data.crop_pct", self.crop_pct, "must be in (0, 1]")
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["full", "linear", "lora"] = "full"
+    lora_rank: int = 8
+    lora_alpha: float | None = None  # None: alpha = rank, i.e. no scaling (the SPT reference's choice)
+    lora_dropout: float = 0.0
+    # Matrices that get LoRA; `q`, `k`, `v` are the row blocks of timm's fused qkv Linear.
+    lora_targets: list[str] = field(default_factory=lambda: ["q", "v"])
+
+    def validate(self) -> None:
+        _check(self.lora_rank > 0, "method.lora_rank", self.lora_rank, "must be > 0")
+        _check(0.0 <= self.lora_dropout < 1.0, "method.lora_dropout", self.lora_dropout, "must be in [0, 1)")
+        known = ("q", "k", "v", "proj", "fc1", "fc2")
+        for target in self.lora_targets:
+            _check(target in known, "method.lora_targets", target, f"unknown matrix (known: {', '.join(known)})")
+        _check(len(self.lora_targets) > 0, "method.lora_targets", self.lora_targets, "must not be empty")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 1e-4  # on weight matrices only; never on biases, norms, tokens
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    epochs: int = 10
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    warmup_epochs: float = 1.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    grad_accum: int = 1
+    grad_clip: float = 0.0  # 0: off. Set explicitly: DeepSpeed's own default would silently clip at 1.0.
+
+    def validate(self) -> None:
+        _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas,
+               "must be two numbers in [0, 1)")
+        _check(self.eps > 0, "optim.eps", self.eps, "must be > 0")
+        _check(self.epochs > 0, "optim.epochs", self.epochs, "must be > 0")
+        _check(self.max_steps is None or self.max_steps > 0, "optim.max_steps", self.max_steps, "must be > 0")
+        _check(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs, "must be >= 0")
+        _check(self.warmup_lr >= 0 and self.min_lr >= 0, "optim.min_lr", self.min_lr, "learning rates must be >= 0")
+        _check(self.grad_accum >= 1, "optim.grad_accum", self.grad_accum, "must be >= 1")
+        _check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0")
+
+
+@dataclass
+class EngineConfig:
+    kind: Literal["deepspeed", "fsdp"] = "deepspeed"
+    zero_stage: int = 0  # DeepSpeed only
+    precision: Literal["fp32", "bf16"] = "fp32"
+    timeout_s: int = 1800  # collective timeout: a dead rank fails the job instead of hanging it forever
+
+    def validate(self) -> None:
+        _check(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        _check(self.timeout_s > 0, "engine.timeout_s", self.timeout_s, "must be > 0")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs"
+    name: str | None = None  # None: <model>-<method>-<timestamp>
+    log_every: int = 10  # optimizer steps between TensorBoard/progress updates
+    eval_every: int = 1  # epochs between evaluations (and always after the last)
+    checkpoint_every: int = 0  # optimizer steps between engine checkpoints; 0: only at the end
+    progress: bool = True
+
+    def validate(self) -> None:
+        _check(self.log_every > 0, "output.log_every", self.log_every, "must be > 0")
+        _check(self.eval_every > 0, "output.eval_every", self.eval_every, "must be > 0")
+        _check(self.checkpoint_every >= 0, "output.checkpoint_every", self.checkpoint_every, "must be >= 0")
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                section.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise UserError(f"{key}: {why} (got {value!r})")
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Reads a YAML file (optional), applies `a.b=value` overrides, builds and validates a Config."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise UserError(f"--config: no such file '{path}'") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise UserError(f"--config: '{path}'{where} is not valid YAML") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"--config: '{path}' must hold a mapping of sections, not {type(raw).__name__}")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override '{item}': expected key=value, e.g. optim.lr=3e-4")
+        _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else None)
+    cfg = _build(Config, raw, prefix="")
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Writes the resolved config atomically, loadable again with `load_config`."""
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"{'.'.join(parents[: i + 1])}: is a value, not a section (override '{dotted}')")
+        node = child
+    node[leaf] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a section (mapping), got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise UserError(f"{prefix}{unknown[0]}: unknown key (known in {where}: {', '.join(fields)})")
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Checks `value` against a type hint; ints are accepted where floats are expected, nothing else is cast."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{key}: must be one of {', '.join(map(str, args))} (got {value!r})")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        # PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string, not a float.
+        try:
+            return float(value)
+        except ValueError:
+            raise UserError(f"{key}: expected a number, got {value!r}") from None
+    if hint is bool and not isinstance(value, bool):
+        raise UserError(f"{key}: expected true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UserError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+    if not isinstance(value, hint):
+        raise UserError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value

@@ -1,0 +1,61 @@
+"""The interface every engine offers the trainer: forward, backward, step, full weights, checkpoints."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from spt_dist.config import EngineConfig, OptimConfig
+
+# Builds an LR scheduler for the optimizer the engine ends up stepping (DeepSpeed wraps the client one).
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+@dataclass
+class EngineSpec:
+    engine: EngineConfig
+    optim: OptimConfig
+    micro_batch_size: int
+    scheduler: SchedulerFactory
+    device: torch.device
+
+
+class Engine(ABC):
+    """A model wrapped for data-parallel training (sharded or not), with its optimizer and schedule."""
+
+    module: nn.Module  # call it for the forward pass
+    input_dtype: torch.dtype  # the dtype images must have on entry
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss (scaled by 1/grad_accum inside)."""
+
+    @abstractmethod
+    def step(self) -> bool:
+        """Ends a micro-step; at an accumulation boundary clips, steps optimizer and schedule, zeroes
+        gradients and returns True."""
+
+    @abstractmethod
+    def lr(self) -> float: ...
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter as a full fp32 CPU tensor, on every rank. Collective: all ranks must call it."""
+
+    @abstractmethod
+    def save_checkpoint(self, directory: str) -> None:
+        """Collective: the engine's own sharded checkpoint of weights, optimizer and schedule."""
+
+    @abstractmethod
+    def load_checkpoint(self, directory: str) -> None:
+        """Collective: restores what `save_checkpoint` wrote."""
+
+    def train(self) -> None:
+        self.module.train()
+
+    def eval(self) -> None:
+        self.module.eval()

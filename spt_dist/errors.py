@@ -1,0 +1,9 @@
+"""The one exception type for user mistakes (bad config, missing files, bad values).
+
+Entry points catch it and print its message as a single line with a non-zero exit code: no traceback,
+because the user's fix is in their input, not in our code.
+"""
+
+
+class UserError(Exception):
+    """A mistake in the user's input. The message names the offending key, file or value."""

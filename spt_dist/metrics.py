@@ -1,0 +1,74 @@
+"""What a run reports: TensorBoard scalars and a progress bar on rank 0, throughput and peak memory."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak accelerator memory allocated by this process, or peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+class Throughput:
+    """Images per second over the window since the last `rate()` call."""
+
+    def __init__(self) -> None:
+        self._images = 0
+        self._start = time.perf_counter()
+
+    def add(self, images: int) -> None:
+        self._images += images
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        rate = self._images / max(now - self._start, 1e-9)
+        self._images, self._start = 0, now
+        return rate
+
+
+class RunLogger:
+    """TensorBoard writer and tqdm bar, both live on rank 0 only; other ranks get no-ops."""
+
+    def __init__(self, tb_dir: str | None, total_steps: int, show_progress: bool) -> None:
+        self._writer = None
+        self._bar = None
+        if tb_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(tb_dir)
+            if show_progress:
+                from tqdm import tqdm
+                self._bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self._writer is not None:
+            for tag, value in values.items():
+                self._writer.add_scalar(tag, value, step)
+
+    def text(self, tag: str, text: str) -> None:
+        if self._writer is not None:
+            self._writer.add_text(tag, text)
+
+    def progress(self, steps: int, postfix: dict[str, str] | None = None) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+            if postfix:
+                self._bar.set_postfix(postfix, refresh=False)
+
+    def write(self, line: str) -> None:
+        """Prints on rank 0 without breaking the progress bar."""
+        if self._bar is not None:
+            self._bar.write(line)
+        elif self._writer is not None:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()

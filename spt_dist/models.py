@@ -1,0 +1,88 @@
+"""Model factory: timm Vision Transformers by name, weights only from a local file, head sized to the data.
+
+Nothing is downloaded: models are built with `pretrained=False` and, when `model.checkpoint` is set, loaded
+from that file (safetensors, or a torch file read with `weights_only=True`). The tiny test ViT is registered
+with timm so that `timm.create_model("vit_test_tiny_patch8_32", checkpoint_path=...)` works like any other.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import register_model
+from timm.models._registry import generate_default_cfgs
+from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer, checkpoint_filter_fn
+
+from spt_dist.errors import UserError
+
+# timm's registry reads `default_cfgs` from the module that defines a registered model.
+default_cfgs = generate_default_cfgs({
+    "vit_test_tiny_patch8_32.untrained": {
+        "url": "", "num_classes": 10, "input_size": (3, 32, 32), "crop_pct": 1.0,
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj",
+        "classifier": "head",
+    },
+})
+
+
+@register_model
+def vit_test_tiny_patch8_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """A 2-block, 64-wide ViT on 32 px images: the model of the tests and the built-in demo."""
+    args = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0)
+    return _create_vision_transformer("vit_test_tiny_patch8_32", pretrained=pretrained, **dict(args, **kwargs))
+
+
+def supported_models() -> list[str]:
+    """Every timm Vision Transformer (plain `VisionTransformer` family, `vit_*` names)."""
+    return timm.list_models("vit_*")
+
+
+def create_model(name: str, num_classes: int, *, checkpoint: str | None = None, img_size: int | None = None,
+                 drop_path_rate: float = 0.0, device: str | torch.device = "cpu") -> VisionTransformer:
+    """Builds a ViT with a `num_classes` head; backbone weights from `checkpoint` if given, else random init."""
+    if not timm.is_model(name) or not name.startswith("vit_"):
+        raise UserError(f"model.name: unknown model '{name}' (any timm vit_* name, e.g. vit_base_patch16_224)")
+    kwargs = dict(num_classes=num_classes, drop_path_rate=drop_path_rate)
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    with torch.device(device):
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    if not isinstance(model, VisionTransformer):
+        raise UserError(f"model.name: '{name}' is not a plain VisionTransformer ({type(model).__name__})")
+    if checkpoint is not None:
+        load_backbone(model, checkpoint)
+    return model
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Reads a weights file without unpickling arbitrary objects."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"model.checkpoint: no such file '{path}'") from None
+    except Exception as e:  # corrupt file or pickled objects that weights_only refuses
+        raise UserError(f"model.checkpoint: cannot read '{path}': {str(e).splitlines()[0]}") from None
+    for wrapper in ("state_dict", "model", "module"):  # common training-checkpoint layouts
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"model.checkpoint: '{path}' holds no flat mapping of tensors")
+    return state
+
+
+def load_backbone(model: VisionTransformer, path: str) -> None:
+    """Loads backbone weights; the head is kept from the checkpoint only if its shape matches."""
+    state = checkpoint_filter_fn(read_state_dict(path), model)  # timm's conversions: pos_embed resize etc.
+    own = model.state_dict()
+    for key in [k for k in state if k.startswith("head.")]:
+        if key not in own or state[key].shape != own[key].shape:
+            del state[key]  # a head for another label set: keep the freshly initialised one
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise UserError(f"model.checkpoint: '{path}' does not fit {type(model).__name__}: {what}")

@@ -1,0 +1,60 @@
+"""Config loading: YAML + dotted overrides, typed and validated, one-line errors naming the key."""
+
+import pytest
+
+from spt_dist.config import Config, load_config, save_config
+from spt_dist.errors import UserError
+from tests.conftest import REPO
+
+
+def test_demo_config_loads_with_overrides():
+    cfg = load_config(str(REPO / "configs/demo.yaml"), ["optim.lr=3e-4", "engine.zero_stage=3", "method.name=lora",
+                                                        "method.lora_targets=[q,k,v,fc1]", "model.img_size=64"])
+    assert isinstance(cfg, Config)
+    assert cfg.optim.lr == 3e-4 and cfg.engine.zero_stage == 3 and cfg.model.img_size == 64
+    assert cfg.method.lora_targets == ["q", "k", "v", "fc1"]
+    assert cfg.data.batch_size == 32  # from the file
+
+
+def test_yaml11_exponent_floats_are_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n  weight_decay: 0\n")
+    cfg = load_config(str(path))
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.weight_decay, float)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(str(REPO / "configs/demo.yaml"), ["optim.max_steps=7"])
+    save_config(cfg, str(tmp_path / "config.yaml"))
+    assert load_config(str(tmp_path / "config.yaml")) == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "optim.lrr: unknown key"),
+    ("foo=1", "foo: unknown key"),
+    ("data.batch_size=abc", "data.batch_size: expected an integer"),
+    ("data.batch_size=1.5", "data.batch_size: expected an integer"),
+    ("data.batch_size=0", "data.batch_size: must be > 0"),
+    ("engine.zero_stage=4", "engine.zero_stage: must be 0, 1, 2 or 3"),
+    ("engine.kind=megatron", "engine.kind: must be one of deepspeed, fsdp"),
+    ("method.lora_targets=[q,x]", "method.lora_targets: unknown matrix"),
+    ("data.augment=maybe", "data.augment: expected true or false"),
+    ("optim.lr=fast", "optim.lr: expected a number"),
+    ("optim=3", "optim: expected a section"),
+    ("model.checkpoint=/no/such/file.pth", "model.checkpoint: no such file"),
+    ("nonsense", "expected key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(UserError) as err:
+        load_config(str(REPO / "configs/demo.yaml"), [override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(UserError, match="--config: no such file"):
+        load_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(str(bad))

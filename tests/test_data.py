@@ -1,0 +1,350 @@
+"""Tests for spt_dist.data: shard writer CLI, deterministic rank/worker sharding, fault tolerance, errors."""
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from spt_dist.data import shards
+from spt_dist.data.loader import EvalStream, TrainStream, count_samples, expand_shards, read_classes
+from spt_dist.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN, TEST, PER_SHARD = 240, 70, 30  # -> 8 train shards of 30; test shards of 30, 30, 10
+
+
+def to_tensor(img):
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def random_flip(img):
+    # Uses the global torch RNG, like timm's augmentations: must still be reproducible.
+    x = to_tensor(img)
+    return x.flip(-1) if torch.rand(()) < 0.5 else x
+
+
+def run(cmd, timeout):
+    """Run in a new session so that on timeout the whole process group (e.g. all torchrun ranks) dies."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"timed out after {timeout}s: {cmd}\n{out}\n{err}")
+    return p.returncode, out, err
+
+
+def png_bytes(rgb, size=8):
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def keys_of(batches):
+    return [k for b in batches for k in b["keys"]]
+
+
+def take(stream, n):
+    return [next(stream) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("syn"))
+    shards.main(["synthetic", "--out", out, "--classes", "4", "--train", str(TRAIN), "--test", str(TEST),
+                 "--size", "16", "--samples-per-shard", str(PER_SHARD), "--seed", "1"])
+    return out
+
+
+def train_shards(d):
+    return expand_shards(f"{d}/train-{{000000..000007}}.tar", "data.train_shards")
+
+
+def all_keys(paths):
+    keys = []
+    for p in paths:
+        with tarfile.open(p) as t:
+            keys += [m.name.split(".")[0] for m in t.getmembers() if m.name.endswith(".cls")]
+    return keys
+
+
+# --------------------------------------------------------------------------- shard writer CLI
+
+
+def test_synthetic_cli(tmp_path):
+    out = tmp_path / "s"
+    rc, stdout, err = run([sys.executable, "-m", "spt_dist.data.shards", "synthetic", "--out", str(out),
+                           "--classes", "5", "--train", "100", "--test", "30", "--samples-per-shard", "40"], 60)
+    assert rc == 0, err
+    assert "train: 100 samples in 3 shards" in stdout
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert sizes == {"train-000000.tar": 40, "train-000001.tar": 40, "train-000002.tar": 20, "test-000000.tar": 30}
+    assert json.loads((out / "classes.json").read_text()) == [f"class_{c}" for c in range(5)]
+    assert count_samples(expand_shards(f"{out}/train-*.tar", "k")) == 100
+    assert not [f for f in os.listdir(out) if f.startswith(".")]  # no temp files left behind
+    with tarfile.open(out / "train-000002.tar") as t:
+        names = t.getnames()
+        labels = [int(t.extractfile(n).read()) for n in names if n.endswith(".cls")]
+    assert len(names) == 40 and names[:2] == [names[0].split(".")[0] + ".png", names[0].split(".")[0] + ".cls"]
+    assert all(0 <= label < 5 for label in labels)
+
+    # Deterministic: same seed -> byte-identical shards.
+    shards.main(["synthetic", "--out", str(tmp_path / "again"), "--classes", "5", "--train", "100", "--test", "30",
+                 "--samples-per-shard", "40"])
+    assert (out / "train-000001.tar").read_bytes() == (tmp_path / "again" / "train-000001.tar").read_bytes()
+
+    # Re-writing a split with fewer shards removes the stale ones (a glob must not mix two runs).
+    shards.main(["synthetic", "--out", str(out), "--classes", "5", "--train", "50", "--test", "30", "--samples-per-shard", "40"])
+    assert not (out / "train-000002.tar").exists()
+    assert json.loads((out / "sizes.json").read_text())["train-000001.tar"] == 10
+
+
+def test_synthetic_is_learnable(syn):
+    """Nearest class-mean colour already separates the classes; the model has stripes on top."""
+    def features(split):
+        feats, labels = [], []
+        for b in EvalStream(expand_shards(f"{syn}/{split}-*.tar", "k"), rank=0, world=1, batch_size=64,
+                            transform=to_tensor, num_classes=4):
+            feats.append(b["images"].mean(dim=(2, 3)))
+            labels.append(b["labels"])
+        return torch.cat(feats), torch.cat(labels)
+
+    x, y = features("train")
+    centroids = torch.stack([x[y == c].mean(0) for c in range(4)])
+    xt, yt = features("test")
+    acc = (torch.cdist(xt, centroids).argmin(1) == yt).float().mean().item()
+    assert acc > 0.9
+    assert x.std(0).min() > 0.01  # images vary within the data set
+
+
+def test_folder_cli(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    colours = {"cat": (220, 20, 20), "dog": (20, 20, 220)}
+    jpegs = set()
+    for cls, files in {"cat": ["a.png", "b.png", "c.jpeg"], "dog": ["d.jpg", "e.PNG"]}.items():
+        (src / cls).mkdir(parents=True)
+        for name in files:
+            fmt = "JPEG" if name.endswith(("jpg", "jpeg")) else "PNG"
+            Image.new("RGB", (12, 12), colours[cls]).save(src / cls / name, format=fmt)
+            if fmt == "JPEG":
+                jpegs.add((src / cls / name).read_bytes())
+    (src / "cat" / "notes.txt").write_text("ignored")
+
+    shards.main(["folder", "--src", str(src), "--out", str(out), "--split", "val", "--samples-per-shard", "2"])
+    assert json.loads((out / "classes.json").read_text()) == ["cat", "dog"]
+    assert json.loads((out / "sizes.json").read_text()) == {"val-000000.tar": 2, "val-000001.tar": 2, "val-000002.tar": 1}
+    paths = expand_shards(f"{out}/val-{{000000..000002}}.tar", "data.eval_shards")
+    assert read_classes(paths) == ["cat", "dog"] and count_samples(paths) == 5
+
+    stored = set()
+    for p in paths:
+        with tarfile.open(p) as t:
+            stored |= {t.extractfile(m).read() for m in t.getmembers() if m.name.endswith(".jpg")}
+    assert stored == jpegs  # JPEG bytes copied as-is
+
+    batches = list(EvalStream(paths, rank=0, world=1, batch_size=4, transform=to_tensor, num_classes=2))
+    images, labels = torch.cat([b["images"] for b in batches]), torch.cat([b["labels"] for b in batches])
+    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1]
+    red_minus_blue = images[:, 0].mean((1, 2)) - images[:, 2].mean((1, 2))
+    assert ((red_minus_blue > 0) == (labels == 0)).all()  # labels follow the class directories
+
+    first = (out / "val-000000.tar").read_bytes()
+    shards.main(["folder", "--src", str(src), "--out", str(out), "--split", "val", "--samples-per-shard", "2"])
+    assert (out / "val-000000.tar").read_bytes() == first  # deterministic shuffle
+
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(UserError, match="no .jpg/.jpeg/.png images"):
+        shards.folder_samples(str(tmp_path / "empty"), "train", 0)
+    with pytest.raises(UserError, match="no such directory"):
+        shards.folder_samples(str(tmp_path / "nope"), "train", 0)
+
+
+def test_cli_user_error_is_one_line(tmp_path):
+    rc, out, err = run([sys.executable, "-m", "spt_dist.data.shards", "folder", "--src", str(tmp_path / "missing"),
+                        "--out", str(tmp_path / "o")], 60)
+    assert rc == 2 and err.strip().count("\n") == 0
+    assert err.startswith("spt_dist: error: --src: no such directory") and "missing" in err
+
+
+# --------------------------------------------------------------------------- determinism and sharding
+
+
+def train_stream(paths, **kw):
+    args = dict(rank=0, world=1, batch_size=16, transform=to_tensor, num_classes=4, seed=0, workers=0, shuffle_buffer=50)
+    return TrainStream(paths, **(args | kw))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_stream_deterministic(syn, workers):
+    paths = train_shards(syn)
+    a = take(train_stream(paths, workers=workers, transform=random_flip), 20)  # 20 x 16 > 240: crosses an epoch
+    b = take(train_stream(paths, workers=workers, transform=random_flip), 20)
+    assert keys_of(a) == keys_of(b)
+    assert all(torch.equal(x["images"], y["images"]) and torch.equal(x["labels"], y["labels"]) for x, y in zip(a, b))
+    assert a[0]["images"].shape == (16, 3, 16, 16) and a[0]["labels"].dtype == torch.long
+    assert all(len(x["keys"]) == 16 for x in a)
+    assert keys_of(take(train_stream(paths, workers=workers, seed=1), 20)) != keys_of(a)
+
+
+def test_train_stream_epoch_and_rng_isolation(syn):
+    paths = train_shards(syn)
+    stream = train_stream(paths, transform=random_flip)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    epoch0 = keys_of(take(stream, TRAIN // 16))
+    assert torch.equal(torch.rand(3), expected)  # the stream's random transform left the global RNG alone
+    assert sorted(epoch0) == sorted(all_keys(paths))  # one epoch = every sample exactly once
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_disjoint_in_process(syn, workers):
+    paths = train_shards(syn)
+    per_rank = TRAIN // 2 // 10  # batches of 10 covering exactly this rank's first epoch
+    keys = [keys_of(take(train_stream(paths, rank=r, world=2, batch_size=10, workers=workers), per_rank)) for r in (0, 1)]
+    assert not set(keys[0]) & set(keys[1])
+    assert sorted(keys[0] + keys[1]) == sorted(all_keys(paths))
+
+    test = expand_shards(f"{syn}/test-*.tar", "data.eval_shards")
+    evals = [EvalStream(test, rank=r, world=2, batch_size=16, transform=to_tensor, num_classes=4, workers=workers)
+             for r in (0, 1)]
+    ek = [keys_of(e) for e in evals]
+    assert sorted(ek[0] + ek[1]) == sorted(all_keys(test)) and len(all_keys(test)) == TEST
+    assert keys_of(evals[0]) == ek[0]  # re-iterable, same order
+    assert [len(b["keys"]) for b in evals[1]][-1] <= 16
+
+
+def test_eval_rank_without_shards(syn):
+    test = expand_shards(f"{syn}/test-000000.tar", "k")
+    for workers in (0, 2):
+        assert list(EvalStream(test, rank=1, world=2, batch_size=8, transform=to_tensor, num_classes=4, workers=workers)) == []
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks(syn, tmp_path):
+    batches, workers = TRAIN // 2 // 10, 2
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "tests/workers/read_keys.py", f"{syn}/train-{{000000..000007}}.tar",
+           f"{syn}/test-*.tar", "10", str(batches), str(workers), str(tmp_path)]
+    rc, out, err = run(cmd, 120)
+    assert rc == 0, out + err
+    got = [json.loads((tmp_path / f"keys-rank{r}.json").read_text()) for r in (0, 1)]
+    test = expand_shards(f"{syn}/test-*.tar", "k")
+    e0, e1 = got[0]["eval_keys"], got[1]["eval_keys"]
+    assert not set(e0) & set(e1) and sorted(e0 + e1) == sorted(all_keys(test))  # each test sample exactly once
+    t0, t1 = got[0]["train_keys"], got[1]["train_keys"]
+    assert not set(t0) & set(t1) and sorted(t0 + t1) == sorted(all_keys(train_shards(syn)))
+    # The distributed job reads exactly what an in-process stream with the same (seed, rank, world, workers) reads.
+    paths = train_shards(syn)
+    for r in (0, 1):
+        local = take(train_stream(paths, rank=r, world=2, batch_size=10, workers=workers, shuffle_buffer=50), batches)
+        assert got[r]["train_keys"] == keys_of(local)
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def write_tar(path, members):
+    with tarfile.open(path, "w") as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory):
+    """3 shards: 6 good + 4 bad samples; a truncated tar (5 good before the cut); a garbage file."""
+    d = tmp_path_factory.mktemp("faulty")
+    good = png_bytes((200, 30, 30))
+    members = [m for i in range(6) for m in ((f"good{i}.png", good), (f"good{i}.cls", b"1"))]
+    members += [("corrupt.png", good[: len(good) // 2]), ("corrupt.cls", b"0"),  # truncated PNG data
+                ("nolabel.png", good),
+                ("notint.png", good), ("notint.cls", b"one"),
+                ("range.png", good), ("range.cls", b"7")]
+    write_tar(d / "mixed-000000.tar", members)
+    write_tar(d / "mixed-000001.tar", [m for i in range(10) for m in ((f"t{i}.png", good), (f"t{i}.cls", b"0"))])
+    with tarfile.open(d / "mixed-000001.tar") as t:
+        cut = next(m for m in t.getmembers() if m.name == "t5.png")
+    with open(d / "mixed-000001.tar", "r+b") as f:
+        f.truncate(cut.offset_data + cut.size // 2)
+    (d / "mixed-000002.tar").write_bytes(b"this is not a tar file\n" * 40)
+    paths = expand_shards(f"{d}/mixed-*.tar", "data.eval_shards")
+    good_keys = {f"good{i}" for i in range(6)} | {f"t{i}" for i in range(5)}
+    return paths, good_keys
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_eval_skips_faults(faulty, workers):
+    paths, good_keys = faulty
+    stream = EvalStream(paths, rank=0, world=1, batch_size=4, transform=to_tensor, num_classes=2, workers=workers)
+    keys = keys_of(stream)
+    assert sorted(keys) == sorted(good_keys)
+    assert stream.faults() == {"bad_image": 1, "bad_label": 3, "bad_tar": 2}
+    keys_of(stream)
+    assert stream.faults() == {"bad_image": 1, "bad_label": 3, "bad_tar": 2}  # per pass, not cumulative
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_skips_faults(faulty, workers):
+    paths, good_keys = faulty
+    stream = train_stream(paths, batch_size=4, num_classes=2, workers=workers, shuffle_buffer=8)
+    seen = set()
+    for _ in range(40):  # one epoch is ~3 batches; the truncated tar must not stop the stream
+        seen |= set(next(stream)["keys"])
+        if seen == good_keys and all(v > 0 for v in stream.faults().values()):
+            break
+    assert seen == good_keys
+    f = stream.faults()
+    assert f["bad_image"] >= 1 and f["bad_label"] >= 3 and f["bad_tar"] >= 2
+    stream.close()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_train_all_bad_shards_fail_loudly(faulty, workers):
+    paths, _ = faulty
+    with pytest.raises(UserError, match="found no valid sample in any of the 1 shards"):
+        next(train_stream([paths[2]], workers=workers))
+
+
+# --------------------------------------------------------------------------- user errors
+
+
+def test_shard_spec_errors(syn, tmp_path):
+    with pytest.raises(UserError, match=r"data\.train_shards: shard file not found: '.*train-000008\.tar'"):
+        expand_shards(f"{syn}/train-{{000000..000009}}.tar", "data.train_shards")
+    with pytest.raises(UserError, match=r"data\.eval_shards: no file matches '.*val-\*\.tar'"):
+        expand_shards(f"{syn}/val-*.tar", "data.eval_shards")
+    with pytest.raises(UserError, match="no shards given"):
+        expand_shards(" , ", "data.train_shards")
+    with pytest.raises(UserError, match="is a directory"):
+        expand_shards(syn, "data.train_shards")
+    with pytest.raises(UserError, match="more than once"):
+        expand_shards(f"{syn}/train-000000.tar,{syn}/train-*.tar", "data.train_shards")
+    # Comma list mixing a brace pattern (with its own commas) and a plain path.
+    got = expand_shards(f"{syn}/train-{{000000,000003}}.tar, {syn}/test-000000.tar", "k")
+    assert [os.path.basename(p) for p in got] == ["train-000000.tar", "train-000003.tar", "test-000000.tar"]
+
+    with pytest.raises(UserError, match=r"data\.train_shards: 8 shards for 2 ranks x 5 workers; need at least 10"):
+        train_stream(train_shards(syn), world=2, workers=5)
+
+    (tmp_path / "x.tar").write_bytes(b"")
+    assert count_samples([str(tmp_path / "x.tar")]) is None  # no sizes.json
+    assert count_samples(train_shards(syn)[:3]) == 3 * PER_SHARD

@@ -1,0 +1,94 @@
+"""Model factory, local checkpoints, LoRA layers and the baseline methods (in-process, fast)."""
+
+import pytest
+import timm
+import torch
+
+from spt_dist.atomic import write_safetensors
+from spt_dist.config import MethodConfig
+from spt_dist.errors import UserError
+from spt_dist.models import create_model
+from spt_dist.peft.baselines import apply_method, format_trainable_parameters, trainable_parameters
+from spt_dist.peft.lora import LoRALinear, matrix_blocks
+
+TINY = "vit_test_tiny_patch8_32"
+
+
+def test_unknown_model_is_a_user_error():
+    with pytest.raises(UserError, match="model.name: unknown model 'vit_nope'"):
+        create_model("vit_nope", 10)
+    with pytest.raises(UserError, match="model.name: unknown model 'resnet50'"):
+        create_model("resnet50", 10)
+
+
+@pytest.mark.parametrize("name, backbone, width", [("vit_base_patch16_224", 85_798_656, 768),
+                                                   ("vit_huge_patch14_224", 630_764_800, 1280)])
+def test_big_vits_build_on_meta_device(name, backbone, width):
+    model = create_model(name, 10, device="meta")
+    assert sum(p.numel() for p in model.parameters()) == backbone + width * 10 + 10
+
+
+def test_local_checkpoint_loads_backbone_and_resizes_head(tmp_path):
+    torch.manual_seed(1)
+    source = create_model(TINY, 10)
+    path = str(tmp_path / "weights.safetensors")
+    write_safetensors(path, source.state_dict())
+    model = create_model(TINY, 3, checkpoint=path)
+    for name, value in model.state_dict().items():
+        if name.startswith("head."):
+            assert value.shape[0] == 3
+        else:
+            assert torch.equal(value, source.state_dict()[name]), name
+    # timm's own loader reads the same file for the registered test model.
+    same = timm.create_model(TINY, num_classes=10, checkpoint_path=path)
+    assert torch.equal(same.head.weight, source.head.weight)
+    pth = str(tmp_path / "weights.pth")
+    torch.save({"state_dict": source.state_dict()}, pth)
+    assert torch.equal(create_model(TINY, 10, checkpoint=pth).head.weight, source.head.weight)
+
+
+def test_bad_checkpoints_are_user_errors(tmp_path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="model.checkpoint: cannot read"):
+        create_model(TINY, 10, checkpoint=str(garbage))
+    other = str(tmp_path / "other.safetensors")
+    write_safetensors(other, {"something.else": torch.zeros(2)})
+    with pytest.raises(UserError, match="does not fit"):
+        create_model(TINY, 10, checkpoint=other)
+
+
+def test_lora_starts_at_base_and_merges_exactly():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 48)
+    lora = LoRALinear(base, {"q": (0, 16), "v": (32, 48)}, rank=4, scale=1.0)
+    x = torch.randn(5, 16)
+    assert torch.equal(lora(x), base(x))  # B is zero-initialised
+    with torch.no_grad():
+        for b in lora.lora_B.values():
+            b.normal_()
+    merged = torch.nn.functional.linear(x, lora.merged_weight(), base.bias)
+    torch.testing.assert_close(lora(x), merged, rtol=1e-5, atol=1e-5)
+    assert torch.equal(lora(x)[:, 16:32], base(x)[:, 16:32])  # the k block has no LoRA
+
+
+def test_matrix_blocks_split_fused_qkv():
+    blocks = matrix_blocks(create_model(TINY, 10))
+    assert blocks["blocks.0.attn.q"] == ("blocks.0.attn.qkv", "q", (0, 64))
+    assert blocks["blocks.1.attn.v"] == ("blocks.1.attn.qkv", "v", (128, 192))
+    assert blocks["blocks.1.mlp.fc1"] == ("blocks.1.mlp.fc1", "fc1", (0, 128))
+    assert len(blocks) == 2 * 6
+
+
+def test_methods_choose_what_trains():
+    full = apply_method(create_model(TINY, 10), MethodConfig(name="full"))
+    assert trainable_parameters(full)[0] == trainable_parameters(full)[1]
+    linear = apply_method(create_model(TINY, 10), MethodConfig(name="linear"))
+    assert {n for n, p in linear.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
+    lora = apply_method(create_model(TINY, 10), MethodConfig(name="lora", lora_rank=4, lora_targets=["q", "v", "fc2"]))
+    names = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert "blocks.0.attn.qkv.lora_A.q" in names and "blocks.0.attn.qkv.lora_B.v" in names
+    assert "blocks.0.mlp.fc2.lora_A.fc2" in names and not any(".k" in n for n in names)
+    # 2 blocks x (q, v: A 4x64 + B 64x4; fc2: A 4x128 + B 64x4) + head 64x10+10
+    assert trainable_parameters(lora)[0] == 2 * (2 * (256 + 256) + 512 + 256) + 650
+    assert format_trainable_parameters(lora).startswith("trainable params: 4,234 || all params: ")
