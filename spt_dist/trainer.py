@@ -116,7 +116,7 @@ class Trainer:
 
         batches = iter(self.train_stream)
         throughput, window_loss, window_steps = Throughput(), 0.0, 0
-        train_start, eval_result, step = time.perf_counter(), {}, 0
+        train_start, eval_time, eval_result, step = time.perf_counter(), 0.0, {}, 0
         engine.train()
         for epoch in range(sched.epochs):
             for _ in range(min(sched.steps_per_epoch, sched.total_steps - step)):
@@ -146,20 +146,22 @@ class Trainer:
                     self.save_checkpoint(step)
             last = step >= sched.total_steps
             if last or (epoch + 1) % cfg.output.eval_every == 0:
+                eval_start = time.perf_counter()
                 eval_result = self.evaluate()
+                eval_time += time.perf_counter() - eval_start
                 self.log.scalars({f"eval/{k}": v for k, v in eval_result.items()}, step)
                 self._say(f"epoch {epoch + 1}/{sched.epochs} step {step}: top1 {eval_result['top1']:.2f}% "
                           f"({int(eval_result['samples'])} samples)")
                 engine.train()
             if last:
                 break
-        train_time = time.perf_counter() - train_start
+        train_time = time.perf_counter() - train_start - eval_time
 
         self.save_checkpoint(step)
         faults = self._data_faults()
         summary = {"steps": step, "epochs": sched.epochs, "world_size": self.dist.world_size,
                    "top1": eval_result.get("top1"), "eval_samples": eval_result.get("samples"),
-                   "train_time_s": train_time,
+                   "train_time_s": train_time, "eval_time_s": eval_time,
                    "images_per_s": step * cfg.data.batch_size * cfg.optim.grad_accum * self.dist.world_size / train_time,
                    "peak_memory_gib": max(all_gather_float(peak_memory_gib(self.dist.device))),
                    "trainable_params": self.trainable, "total_params": self.total_params,

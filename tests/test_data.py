@@ -3,10 +3,6 @@
 import io
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tarfile
 
 import numpy as np
@@ -17,8 +13,8 @@ from PIL import Image
 from spt_dist.data import shards
 from spt_dist.data.loader import EvalStream, TrainStream, count_samples, expand_shards, read_classes
 from spt_dist.errors import UserError
+from tests.conftest import check, run_job
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN, TEST, PER_SHARD = 240, 70, 30  # -> 8 train shards of 30; test shards of 30, 30, 10
 
 
@@ -32,18 +28,10 @@ def random_flip(img):
     return x.flip(-1) if torch.rand(()) < 0.5 else x
 
 
-def run(cmd, timeout):
-    """Run in a new session so that on timeout the whole process group (e.g. all torchrun ranks) dies."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-        pytest.fail(f"timed out after {timeout}s: {cmd}\n{out}\n{err}")
-    return p.returncode, out, err
+def run_cli(args):
+    """The shard tool as a user runs it: `python -m spt_dist.data.shards ...`."""
+    result = run_job(["-m", "spt_dist.data.shards", *args], launcher="python", timeout=60)
+    return result.returncode, result.stdout, result.stderr
 
 
 def png_bytes(rgb, size=8):
@@ -85,8 +73,8 @@ def all_keys(paths):
 
 def test_synthetic_cli(tmp_path):
     out = tmp_path / "s"
-    rc, stdout, err = run([sys.executable, "-m", "spt_dist.data.shards", "synthetic", "--out", str(out),
-                           "--classes", "5", "--train", "100", "--test", "30", "--samples-per-shard", "40"], 60)
+    rc, stdout, err = run_cli(["synthetic", "--out", str(out), "--classes", "5", "--train", "100", "--test", "30",
+                               "--samples-per-shard", "40"])
     assert rc == 0, err
     assert "train: 100 samples in 3 shards" in stdout
     sizes = json.loads((out / "sizes.json").read_text())
@@ -172,8 +160,7 @@ def test_folder_cli(tmp_path):
 
 
 def test_cli_user_error_is_one_line(tmp_path):
-    rc, out, err = run([sys.executable, "-m", "spt_dist.data.shards", "folder", "--src", str(tmp_path / "missing"),
-                        "--out", str(tmp_path / "o")], 60)
+    rc, out, err = run_cli(["folder", "--src", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
     assert rc == 2 and err.strip().count("\n") == 0
     assert err.startswith("spt_dist: error: --src: no such directory") and "missing" in err
 
@@ -232,19 +219,10 @@ def test_eval_rank_without_shards(syn):
         assert list(EvalStream(test, rank=1, world=2, batch_size=8, transform=to_tensor, num_classes=4, workers=workers)) == []
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_ranks(syn, tmp_path):
     batches, workers = TRAIN // 2 // 10, 2
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "tests/workers/read_keys.py", f"{syn}/train-{{000000..000007}}.tar",
-           f"{syn}/test-*.tar", "10", str(batches), str(workers), str(tmp_path)]
-    rc, out, err = run(cmd, 120)
-    assert rc == 0, out + err
+    check(run_job(["tests/workers/read_keys.py", f"{syn}/train-{{000000..000007}}.tar", f"{syn}/test-*.tar", "10",
+                   str(batches), str(workers), str(tmp_path)], nproc=2, timeout=120))
     got = [json.loads((tmp_path / f"keys-rank{r}.json").read_text()) for r in (0, 1)]
     test = expand_shards(f"{syn}/test-*.tar", "k")
     e0, e1 = got[0]["eval_keys"], got[1]["eval_keys"]

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from spt_dist.config import load_config
 from spt_dist.data.loader import TrainStream, count_samples, expand_shards, read_classes
 from spt_dist.data.transforms import build_transforms
+from spt_dist.engines import VARIANTS
 from spt_dist.models import create_model
 from spt_dist.optim import build_optimizer, build_scheduler
 from spt_dist.peft.baselines import apply_method
@@ -23,13 +24,6 @@ from spt_dist.trainer import Schedule
 from tests.conftest import REPO, TRAIN, check, run_job, tiny_overrides
 
 WORLD = 2
-ENGINES = {
-    "zero0": ["engine.kind=deepspeed", "engine.zero_stage=0"],
-    "zero1": ["engine.kind=deepspeed", "engine.zero_stage=1"],
-    "zero2": ["engine.kind=deepspeed", "engine.zero_stage=2"],
-    "zero3": ["engine.kind=deepspeed", "engine.zero_stage=3"],
-    "fsdp2": ["engine.kind=fsdp"],
-}
 # Weight decay and a warm-up + cosine schedule are on, so the groups and the schedule are exercised too.
 RECIPE = ["optim.max_steps=3", "optim.weight_decay=0.05", "optim.warmup_epochs=0.05"]
 
@@ -72,10 +66,10 @@ def reference(synthetic_shards, tmp_path_factory):
     return weights
 
 
-@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize("engine", list(VARIANTS))
 def test_two_ranks_match_single_process_exactly(engine, reference, synthetic_shards, tmp_path):
     args = [TRAIN, "--config", "tests/configs/tiny.yaml", *tiny_overrides(synthetic_shards, tmp_path, engine),
-            *RECIPE, *ENGINES[engine]]
+            *RECIPE, *VARIANTS[engine]]
     result = check(run_job(args, nproc=WORLD, timeout=240))
     assert "top1" in result.stdout
     weights = load_file(str(tmp_path / engine / "model.safetensors"))

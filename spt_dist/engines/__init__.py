@@ -6,6 +6,15 @@ from torch import nn
 
 from spt_dist.engines.base import Engine, EngineSpec
 
+# Every engine setting by short name, as config overrides: what the tests and benchmarks sweep over.
+VARIANTS: dict[str, list[str]] = {
+    "zero0": ["engine.kind=deepspeed", "engine.zero_stage=0"],
+    "zero1": ["engine.kind=deepspeed", "engine.zero_stage=1"],
+    "zero2": ["engine.kind=deepspeed", "engine.zero_stage=2"],
+    "zero3": ["engine.kind=deepspeed", "engine.zero_stage=3"],
+    "fsdp2": ["engine.kind=fsdp"],
+}
+
 
 def build_engine(model: nn.Module, spec: EngineSpec) -> Engine:
     if spec.engine.kind == "deepspeed":
@@ -15,4 +24,4 @@ def build_engine(model: nn.Module, spec: EngineSpec) -> Engine:
     return FSDPEngine(model, spec)
 
 
-__all__ = ["Engine", "EngineSpec", "build_engine"]
+__all__ = ["VARIANTS", "Engine", "EngineSpec", "build_engine"]
