@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import colorsys
-import contextlib
 import io
 import json
 import os
@@ -23,13 +22,12 @@ import random
 import re
 import sys
 import tarfile
-import tempfile
 from collections.abc import Iterable, Iterator
-from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
 
+from spt_dist.atomic import atomic_file, write_json
 from spt_dist.errors import UserError
 
 IMAGE_EXTS = ("png", "jpg")
@@ -44,28 +42,6 @@ Sample = tuple[str, bytes, str, int]  # (key, image bytes, "png"|"jpg", label)
 # --------------------------------------------------------------------------- writing
 
 
-@contextlib.contextmanager
-def _atomic_file(path: str) -> Iterator[BinaryIO]:
-    """Write to a temp file in the same directory, then os.replace: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; data sets are meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_json(path: str, obj) -> None:
-    with _atomic_file(path) as f:
-        f.write((json.dumps(obj, indent=1) + "\n").encode())
-
-
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     # Fixed metadata (mtime 0, no owner) so the same samples always give byte-identical shards.
     info = tarfile.TarInfo(name)
@@ -74,7 +50,7 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def _write_shard(path: str, samples: list[Sample]) -> None:
-    with _atomic_file(path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_file(path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, data, ext, label in samples:
             _tar_member(tar, f"{key}.{ext}", data)
             _tar_member(tar, f"{key}.cls", str(label).encode())
@@ -139,12 +115,12 @@ def write_split(samples: Iterable[Sample], out_dir: str, split: str, samples_per
     sizes_path = os.path.join(out_dir, SIZES_FILE)
     merged = {k: v for k, v in _read_json(sizes_path, {}).items() if not ours.match(k)}
     merged.update(sizes)
-    _write_json(sizes_path, dict(sorted(merged.items())))
+    write_json(sizes_path, dict(sorted(merged.items())))
     return names
 
 
 def write_classes(out_dir: str, names: list[str]) -> None:
-    _write_json(os.path.join(out_dir, CLASSES_FILE), names)
+    write_json(os.path.join(out_dir, CLASSES_FILE), names)
 
 
 # --------------------------------------------------------------------------- ImageFolder
