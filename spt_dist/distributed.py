@@ -63,3 +63,10 @@ def all_reduce_sum(values: list[float]) -> list[float]:
         t = t.cuda()
     dist.all_reduce(t)
     return t.cpu().tolist()
+
+
+def all_gather_float(value: float) -> list[float]:
+    """Every rank's value of one number, in rank order."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out

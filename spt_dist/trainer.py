@@ -19,7 +19,7 @@ from spt_dist.atomic import write_json, write_safetensors
 from spt_dist.config import Config, save_config
 from spt_dist.data.loader import FAULT_KINDS, EvalStream, TrainStream, count_samples, expand_shards, read_classes
 from spt_dist.data.transforms import build_transforms
-from spt_dist.distributed import DistInfo, all_reduce_sum, broadcast_object
+from spt_dist.distributed import DistInfo, all_gather_float, all_reduce_sum, broadcast_object
 from spt_dist.engines import EngineSpec, build_engine
 from spt_dist.errors import UserError
 from spt_dist.metrics import RunLogger, Throughput, peak_memory_gib
@@ -74,13 +74,10 @@ class Trainer:
         train_tf, eval_tf = build_transforms(self.model, cfg.data)
         torch.manual_seed(cfg.seed + dist_info.rank)  # per-rank randomness (dropout) from here on
 
-        common = dict(rank=dist_info.rank, world=dist_info.world_size, transform=None, num_classes=num_classes,
-                      workers=cfg.data.workers)
-        self.train_stream = TrainStream(self.train_shards, **dict(common, transform=train_tf),
-                                        batch_size=cfg.data.batch_size, seed=cfg.seed,
-                                        shuffle_buffer=cfg.data.shuffle_buffer)
-        self.eval_stream = EvalStream(self.eval_shards, **dict(common, transform=eval_tf),
-                                      batch_size=cfg.data.eval_batch_size)
+        common = dict(rank=dist_info.rank, world=dist_info.world_size, num_classes=num_classes, workers=cfg.data.workers)
+        self.train_stream = TrainStream(self.train_shards, transform=train_tf, batch_size=cfg.data.batch_size,
+                                        seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer, **common)
+        self.eval_stream = EvalStream(self.eval_shards, transform=eval_tf, batch_size=cfg.data.eval_batch_size, **common)
 
         spec = EngineSpec(engine=cfg.engine, optim=cfg.optim, micro_batch_size=cfg.data.batch_size,
                           device=dist_info.device,
@@ -157,7 +154,8 @@ class Trainer:
                 break
         train_time = time.perf_counter() - train_start - eval_time
 
-        self.save_checkpoint(step)
+        if not (cfg.output.checkpoint_every and step % cfg.output.checkpoint_every == 0):  # else just saved
+            self.save_checkpoint(step)
         faults = self._data_faults()
         summary = {"steps": step, "epochs": sched.epochs, "world_size": self.dist.world_size,
                    "top1": eval_result.get("top1"), "eval_samples": eval_result.get("samples"),
@@ -221,8 +219,3 @@ class Trainer:
         totals = all_reduce_sum([float(train.get(k, 0) + evaluation.get(k, 0)) for k in FAULT_KINDS])
         return {k: int(v) for k, v in zip(FAULT_KINDS, totals) if v}
 
-
-def all_gather_float(value: float) -> list[float]:
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
