@@ -15,7 +15,6 @@ from __future__ import annotations
 import glob
 import io
 import itertools
-import json
 import logging
 import os
 import random
@@ -31,7 +30,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from spt_dist.data.shards import CLASSES_FILE, SIZES_FILE
+from spt_dist.data.shards import CLASSES_FILE, SIZES_FILE, read_json
 from spt_dist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -82,21 +81,11 @@ def expand_shards(spec: str, key: str) -> list[str]:
     return paths
 
 
-def _dir_json(path: str):
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read JSON ({e})") from None
-
-
 def count_samples(shards: list[str]) -> int | None:
     """Total samples from sizes.json next to each shard; None if any shard is not listed."""
     total = 0
     for d in sorted({os.path.dirname(s) for s in shards}):
-        sizes = _dir_json(os.path.join(d, SIZES_FILE)) or {}
+        sizes = read_json(os.path.join(d, SIZES_FILE)) or {}
         for s in (s for s in shards if os.path.dirname(s) == d):
             if os.path.basename(s) not in sizes:
                 return None
@@ -107,7 +96,7 @@ def count_samples(shards: list[str]) -> int | None:
 def read_classes(shards: list[str]) -> list[str] | None:
     """Class names from classes.json next to the first shard; None if there is none."""
     path = os.path.join(os.path.dirname(shards[0]), CLASSES_FILE)
-    names = _dir_json(path)
+    names = read_json(path)
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         raise UserError(f"{path}: must be a JSON list of class names")
     return names

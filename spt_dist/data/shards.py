@@ -67,7 +67,8 @@ def _check_sample(sample: Sample) -> None:
         raise ValueError(f"sample {key}: need bytes image data and an int label >= 0")
 
 
-def _read_json(path: str, default):
+def read_json(path: str, default=None):
+    """A metadata file (sizes.json, classes.json), or `default` if it does not exist."""
     if not os.path.exists(path):
         return default
     try:
@@ -113,7 +114,7 @@ def write_split(samples: Iterable[Sample], out_dir: str, split: str, samples_per
     for stale in sorted(n for n in os.listdir(out_dir) if ours.match(n) and n not in sizes):
         os.unlink(os.path.join(out_dir, stale))
     sizes_path = os.path.join(out_dir, SIZES_FILE)
-    merged = {k: v for k, v in _read_json(sizes_path, {}).items() if not ours.match(k)}
+    merged = {k: v for k, v in read_json(sizes_path, {}).items() if not ours.match(k)}
     merged.update(sizes)
     write_json(sizes_path, dict(sorted(merged.items())))
     return names
@@ -154,8 +155,8 @@ def folder_samples(src: str, split: str, seed: int) -> tuple[list[str], Iterator
 
 def _cmd_folder(args: argparse.Namespace) -> None:
     classes, samples = folder_samples(args.src, args.split, args.seed)
-    sizes = _read_json(os.path.join(args.out, SIZES_FILE), {})
-    existing = _read_json(os.path.join(args.out, CLASSES_FILE), None)
+    sizes = read_json(os.path.join(args.out, SIZES_FILE), {})
+    existing = read_json(os.path.join(args.out, CLASSES_FILE), None)
     other_splits = [k for k in sizes if not k.startswith(f"{args.split}-")]
     # Labels are indices into classes.json: another split written with different classes would be mislabelled.
     if existing is not None and existing != classes and other_splits:
@@ -214,7 +215,7 @@ def _cmd_synthetic(args: argparse.Namespace) -> None:
 
 
 def _report(out: str, split: str, names: list[str]) -> None:
-    sizes = _read_json(os.path.join(out, SIZES_FILE), {})
+    sizes = read_json(os.path.join(out, SIZES_FILE), {})
     total = sum(sizes[n] for n in names)
     print(f"{split}: {total} samples in {len(names)} shards {out}/{split}-{{000000..{len(names) - 1:06d}}}.tar")
 
