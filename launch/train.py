@@ -25,9 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         cfg = load_config(args.config, args.overrides)  # before any process group: fails fast on every rank
-        from spt_dist.distributed import init_distributed
+        from spt_dist.distributed import init_distributed, shutdown_distributed
         from spt_dist.trainer import Trainer
         Trainer(cfg, init_distributed(cfg.engine.timeout_s)).fit()
+        shutdown_distributed()
     except UserError as e:
         if rank == 0:  # every rank hits the same mistake; say it once
             print(f"spt_dist: error: {e}", file=sys.stderr, flush=True)

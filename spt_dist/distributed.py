@@ -49,6 +49,14 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def shutdown_distributed() -> None:
+    """Leaves the process group. A process that exits with the backend's threads still running can abort
+    ("terminate called without an active exception") and fail the job after its work is done."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank `src`'s value of a picklable object, on every rank."""
     box = [obj]

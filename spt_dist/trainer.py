@@ -153,6 +153,7 @@ class Trainer:
             if last:
                 break
         train_time = time.perf_counter() - train_start - eval_time
+        self.train_stream.close()  # stop its loader workers now, not at interpreter exit
 
         if not (cfg.output.checkpoint_every and step % cfg.output.checkpoint_every == 0):  # else just saved
             self.save_checkpoint(step)

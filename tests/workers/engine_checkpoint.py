@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from spt_dist.config import load_config
-from spt_dist.distributed import init_distributed
+from spt_dist.distributed import init_distributed, shutdown_distributed
 from spt_dist.engines import EngineSpec, build_engine
 from spt_dist.models import create_model
 from spt_dist.optim import build_scheduler
@@ -61,6 +61,7 @@ def main() -> None:
               "mismatched": [n for n in expected if not torch.equal(got[n], expected[n])]}
     with open(os.path.join(out, f"result-rank{info.rank}.json"), "w") as f:
         json.dump(result, f)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
