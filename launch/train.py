@@ -9,6 +9,7 @@ import os
 import sys
 
 from spt_dist.config import load_config
+from spt_dist.distributed import init_distributed, shutdown_distributed
 from spt_dist.errors import UserError
 
 
@@ -25,11 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         cfg = load_config(args.config, args.overrides)  # before any process group: fails fast on every rank
-        from spt_dist.distributed import init_distributed, shutdown_distributed
-        from spt_dist.trainer import Trainer
+        from spt_dist.trainer import Trainer  # heavy imports (deepspeed, timm) only once the config is sound
         Trainer(cfg, init_distributed(cfg.engine.timeout_s)).fit()
         shutdown_distributed()
     except UserError as e:
+        shutdown_distributed(wait=False)
         if rank == 0:  # every rank hits the same mistake; say it once
             print(f"spt_dist: error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -49,11 +49,13 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(wait: bool = True) -> None:
     """Leaves the process group. A process that exits with the backend's threads still running can abort
-    ("terminate called without an active exception") and fail the job after its work is done."""
+    ("terminate called without an active exception") and fail the job after its work is done.
+    `wait=False` on error paths: the other ranks may never reach a barrier."""
     if dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
