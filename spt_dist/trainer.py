@@ -139,7 +139,7 @@ class Trainer:
                                       "perf/peak_memory_gib": peak_memory_gib(self.dist.device)}, step)
                     self.log.progress(0, {"loss": f"{mean_loss:.4f}", "lr": f"{engine.lr():.2e}", "img/s": f"{rate:.0f}"})
                     window_loss, window_steps = 0.0, 0
-                if cfg.output.checkpoint_every and step % cfg.output.checkpoint_every == 0:
+                if self._checkpoint_due(step):
                     self.save_checkpoint(step)
             last = step >= sched.total_steps
             if last or (epoch + 1) % cfg.output.eval_every == 0:
@@ -155,7 +155,7 @@ class Trainer:
         train_time = time.perf_counter() - train_start - eval_time
         self.train_stream.close()  # stop its loader workers now, not at interpreter exit
 
-        if not (cfg.output.checkpoint_every and step % cfg.output.checkpoint_every == 0):  # else just saved
+        if not self._checkpoint_due(step):  # else the loop has just saved this step
             self.save_checkpoint(step)
         faults = self._data_faults()
         summary = {"steps": step, "epochs": sched.epochs, "world_size": self.dist.world_size,
@@ -199,6 +199,10 @@ class Trainer:
                 seen += len(labels)
         correct, seen = all_reduce_sum([correct, seen])
         return {"top1": 100.0 * correct / max(seen, 1.0), "samples": seen}
+
+    def _checkpoint_due(self, step: int) -> bool:
+        every = self.cfg.output.checkpoint_every
+        return every > 0 and step % every == 0
 
     def save_checkpoint(self, step: int) -> None:
         directory = os.path.join(self.run_dir, "checkpoints", f"step_{step:08d}")

@@ -108,8 +108,8 @@ def read_classes(shards: list[str]) -> list[str] | None:
 class FaultCounter:
     """Skipped-sample counts per kind: bad_image, bad_label, bad_tar (one per shard read that failed)."""
 
-    def __init__(self, counts: dict[str, int] | None = None):
-        self.counts = dict.fromkeys(FAULT_KINDS, 0) | (counts or {})
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(FAULT_KINDS, 0)
 
     def add(self, kind: str, where: str, why: object) -> None:
         self.counts[kind] += 1
@@ -118,9 +118,6 @@ class FaultCounter:
 
     def snapshot(self) -> dict[str, int]:
         return dict(self.counts)
-
-    def total(self) -> int:
-        return sum(self.counts.values())
 
 
 # --------------------------------------------------------------------------- pipeline stages
@@ -153,7 +150,7 @@ def _read_tars(paths: list[str], faults: FaultCounter) -> Iterator[dict]:
             faults.add("bad_tar", path, e)  # the sample being read when it broke is dropped with the tar
 
 
-def _decode(samples: Iterator[dict], transform: Transform, num_classes: int, faults: FaultCounter) -> Iterator[dict]:
+def _decode(samples: Iterator[dict], num_classes: int, faults: FaultCounter) -> Iterator[dict]:
     for s in samples:
         where = f"{s['__url__']}:{s['__key__']}"
         try:
@@ -267,7 +264,7 @@ class _TrainShards(IterableDataset):
             raw = _read_tars(mine, faults)
             # Shuffle raw bytes (small) before decoding, so the buffer never holds decoded images.
             raw = wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer), rng=random.Random(seed))(raw)
-            for s in _transformed(_decode(raw, self.transform, self.num_classes, faults), self.transform, _IsolatedRng(seed)):
+            for s in _transformed(_decode(raw, self.num_classes, faults), self.transform, _IsolatedRng(seed)):
                 found = True
                 yield s
             tried.update(mine)
@@ -305,7 +302,7 @@ class _EvalShards(IterableDataset):
         return iter(
             wds.DataPipeline(
                 lambda: _read_tars(mine, faults),
-                partial(_decode, transform=self.transform, num_classes=self.num_classes, faults=faults),
+                partial(_decode, num_classes=self.num_classes, faults=faults),
                 partial(_transformed, transform=self.transform, rng=None),
                 partial(_batches, batch_size=self.batch_size, partial_last=True, worker=worker, faults=faults),
             )
