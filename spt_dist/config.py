@@ -76,6 +76,55 @@ class MethodConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """Sensitivity scoring and parameter allocation (SPT, GPS): ../shared/SPEC.md sections 2-3."""
+
+    method: Literal["spt", "gps"] = "spt"
+    # Score pass. SPT: s = sum_b g_b^2 of the CE gradient; GPS: s = |sum_b g_b| of `loss`.
+    loss: Literal["ce", "supcon"] | None = None  # None: spt -> ce, gps -> supcon
+    temperature: float = 0.07  # supervised contrastive loss
+    batch_size: int = 32  # the global calibration batch (all ranks together): fixes what one gradient is
+    micro_batch_size: int | None = None  # per rank and micro-step; None: batch_size / world size
+    batches: int | None = 16  # calibration batches; None: one pass over the train split (GPS)
+    shuffle: bool | None = None  # None: spt -> the first images in shard order, gps -> a seeded shuffle
+    augment: bool | None = None  # None: gps -> contrastive views (crop, flip, jitter, grey); spt -> none
+    # SPT allocation.
+    budget: float = 0.01  # >= 1: a parameter count; < 1: a fraction of the backbone's parameters
+    structured: Literal["lora", "adapter", "none"] = "lora"
+    module_rank: int = 8
+    alpha: float = 10.0  # a matrix gets the module when picks >= module cost / alpha
+    beta: float = 5.0  # a vector is tuned fully when picks >= length / beta
+    # GPS allocation: the top-k inputs of every output row of every eligible weight.
+    k: int = 1
+
+    @property
+    def score_loss(self) -> str:
+        return self.loss or ("ce" if self.method == "spt" else "supcon")
+
+    @property
+    def shuffled(self) -> bool:
+        return self.method == "gps" if self.shuffle is None else self.shuffle
+
+    @property
+    def augmented(self) -> bool:
+        return self.method == "gps" if self.augment is None else self.augment
+
+    def validate(self) -> None:
+        _check(self.temperature > 0, "selection.temperature", self.temperature, "must be > 0")
+        _check(self.batch_size > 0, "selection.batch_size", self.batch_size, "must be > 0")
+        _check(self.micro_batch_size is None or self.micro_batch_size > 0, "selection.micro_batch_size",
+               self.micro_batch_size, "must be > 0")
+        _check(self.batches is None or self.batches > 0, "selection.batches", self.batches, "must be > 0")
+        _check(self.budget > 0, "selection.budget", self.budget, "must be > 0 (a count, or a fraction below 1)")
+        _check(self.budget < 1 or self.budget == int(self.budget), "selection.budget", self.budget,
+               "a count must be a whole number (or give a fraction below 1)")
+        _check(self.module_rank > 0, "selection.module_rank", self.module_rank, "must be > 0")
+        _check(self.alpha > 0, "selection.alpha", self.alpha, "must be > 0")
+        _check(self.beta > 0, "selection.beta", self.beta, "must be > 0")
+        _check(self.k > 0, "selection.k", self.k, "must be > 0")
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4  # on weight matrices only; never on biases, norms, tokens
@@ -138,6 +187,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> None:

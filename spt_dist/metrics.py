@@ -54,6 +54,11 @@ class RunLogger:
         if self._writer is not None:
             self._writer.add_text(tag, text)
 
+    def figure(self, tag: str, figure, step: int = 0) -> None:
+        """Logs a matplotlib figure as an image (and closes it)."""
+        if self._writer is not None:
+            self._writer.add_figure(tag, figure, step, close=True)
+
     def progress(self, steps: int, postfix: dict[str, str] | None = None) -> None:
         if self._bar is not None:
             self._bar.update(steps)

@@ -16,16 +16,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from spt_dist.atomic import write_json, write_safetensors
-from spt_dist.config import Config, save_config
-from spt_dist.data.loader import FAULT_KINDS, EvalStream, TrainStream, count_samples, expand_shards, read_classes
+from spt_dist.config import Config
+from spt_dist.data.dataset import resolve_dataset
+from spt_dist.data.loader import FAULT_KINDS, EvalStream, TrainStream
 from spt_dist.data.transforms import build_transforms
-from spt_dist.distributed import DistInfo, all_gather_float, all_reduce_sum, broadcast_object
+from spt_dist.distributed import DistInfo, all_gather_float, all_reduce_sum
 from spt_dist.engines import EngineSpec, build_engine
 from spt_dist.errors import UserError
 from spt_dist.metrics import RunLogger, Throughput, peak_memory_gib
 from spt_dist.models import create_model
 from spt_dist.optim import build_scheduler
 from spt_dist.peft.baselines import apply_method, format_trainable_parameters, trainable_parameters
+from spt_dist.rundir import prepare_run_dir
 
 
 @dataclass(frozen=True)
@@ -51,18 +53,11 @@ class Trainer:
     def __init__(self, cfg: Config, dist_info: DistInfo) -> None:
         self.cfg, self.dist = cfg, dist_info
         # Data first: a missing shard or count is a user error to report before anything heavy is built.
-        self.train_shards = expand_shards(cfg.data.train_shards, "data.train_shards")
-        self.eval_shards = expand_shards(cfg.data.eval_shards, "data.eval_shards")
-        classes = read_classes(self.train_shards)
-        num_classes = cfg.data.num_classes or (len(classes) if classes else None)
-        if num_classes is None:
-            raise UserError("data.num_classes: not set and no classes.json beside the train shards")
-        train_samples = cfg.data.train_samples or count_samples(self.train_shards)
-        if train_samples is None:
-            raise UserError("data.train_samples: not set and no sizes.json beside the train shards lists them all")
-        self.schedule = Schedule.plan(cfg, train_samples, dist_info.world_size)
+        data = resolve_dataset(cfg.data)
+        self.train_shards, self.eval_shards, num_classes = data.train_shards, data.eval_shards, data.num_classes
+        self.schedule = Schedule.plan(cfg, data.train_samples, dist_info.world_size)
 
-        self.run_dir = self._make_run_dir()
+        self.run_dir = prepare_run_dir(cfg, dist_info, "train")
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = create_model(cfg.model.name, num_classes, checkpoint=cfg.model.checkpoint,
@@ -86,15 +81,6 @@ class Trainer:
         self.engine = build_engine(self.model, spec)
         self.log = RunLogger(os.path.join(self.run_dir, "tb") if dist_info.is_main else None,
                              self.schedule.total_steps, cfg.output.progress)
-
-    def _make_run_dir(self) -> str:
-        name = self.cfg.output.name or f"{self.cfg.model.name}-{self.cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = os.path.abspath(os.path.join(self.cfg.output.dir, broadcast_object(name)))
-        if self.dist.is_main:
-            os.makedirs(run_dir, exist_ok=True)
-            save_config(self.cfg, os.path.join(run_dir, "config.yaml"))
-        dist.barrier()
-        return run_dir
 
     def _say(self, line: str) -> None:
         if self.dist.is_main:

@@ -123,7 +123,7 @@ class FaultCounter:
 # --------------------------------------------------------------------------- pipeline stages
 
 
-def _read_tars(paths: list[str], faults: FaultCounter) -> Iterator[dict]:
+def read_tars(paths: list[str], faults: FaultCounter) -> Iterator[dict]:
     """Group tar members into samples {"__key__", "<ext>": bytes, ...}.
 
     Our own reader rather than wds.tarfile_samples: a truncated or garbage tar must cost exactly one
@@ -150,7 +150,7 @@ def _read_tars(paths: list[str], faults: FaultCounter) -> Iterator[dict]:
             faults.add("bad_tar", path, e)  # the sample being read when it broke is dropped with the tar
 
 
-def _decode(samples: Iterator[dict], num_classes: int, faults: FaultCounter) -> Iterator[dict]:
+def decode_samples(samples: Iterator[dict], num_classes: int, faults: FaultCounter) -> Iterator[dict]:
     for s in samples:
         where = f"{s['__url__']}:{s['__key__']}"
         try:
@@ -173,7 +173,7 @@ def _decode(samples: Iterator[dict], num_classes: int, faults: FaultCounter) -> 
         yield {"key": s["__key__"], "img": img, "label": label}
 
 
-class _IsolatedRng:
+class IsolatedRng:
     """Runs the transform under its own python/numpy/torch RNG states, seeded per (seed, epoch, rank, worker).
 
     Random augmentations then do not depend on (or disturb) the trainer's global RNG, and give the same
@@ -200,7 +200,7 @@ class _IsolatedRng:
             torch.set_rng_state(saved[2])
 
 
-def _transformed(samples: Iterator[dict], transform: Transform, rng: _IsolatedRng | None) -> Iterator[dict]:
+def _transformed(samples: Iterator[dict], transform: Transform, rng: IsolatedRng | None) -> Iterator[dict]:
     for s in samples:
         img = s.pop("img")
         s["image"] = rng(transform, img) if rng else transform(img)
@@ -234,7 +234,7 @@ def _worker_slot() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _seed(*parts) -> str:
+def seed_string(*parts) -> str:
     # String seeds hash with sha512 inside random.Random: stable across processes and Python runs.
     return "spt_dist/" + "/".join(map(str, parts))
 
@@ -242,7 +242,7 @@ def _seed(*parts) -> str:
 def epoch_shards(shards: list[str], seed: int, epoch: int, rank: int, world: int, worker: int, workers: int) -> list[str]:
     """The shards that (rank, worker) reads in `epoch` of a TrainStream."""
     order = list(shards)
-    random.Random(_seed(seed, epoch)).shuffle(order)
+    random.Random(seed_string(seed, epoch)).shuffle(order)
     return order[rank::world][worker::workers]
 
 
@@ -260,11 +260,11 @@ class _TrainShards(IterableDataset):
         found = False
         for epoch in itertools.count():
             mine = epoch_shards(self.shards, self.seed, epoch, self.rank, self.world, worker, workers)
-            seed = _seed(self.seed, epoch, self.rank, worker)
-            raw = _read_tars(mine, faults)
+            seed = seed_string(self.seed, epoch, self.rank, worker)
+            raw = read_tars(mine, faults)
             # Shuffle raw bytes (small) before decoding, so the buffer never holds decoded images.
             raw = wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer), rng=random.Random(seed))(raw)
-            for s in _transformed(_decode(raw, self.num_classes, faults), self.transform, _IsolatedRng(seed)):
+            for s in _transformed(decode_samples(raw, self.num_classes, faults), self.transform, IsolatedRng(seed)):
                 found = True
                 yield s
             tried.update(mine)
@@ -301,8 +301,8 @@ class _EvalShards(IterableDataset):
         mine = self.shards[self.rank :: self.world][worker::workers]
         return iter(
             wds.DataPipeline(
-                lambda: _read_tars(mine, faults),
-                partial(_decode, num_classes=self.num_classes, faults=faults),
+                lambda: read_tars(mine, faults),
+                partial(decode_samples, num_classes=self.num_classes, faults=faults),
                 partial(_transformed, transform=self.transform, rng=None),
                 partial(_batches, batch_size=self.batch_size, partial_last=True, worker=worker, faults=faults),
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Callable
 
 import torch
@@ -22,6 +23,8 @@ class EngineSpec:
     micro_batch_size: int
     scheduler: SchedulerFactory
     device: torch.device
+    # The optimizer to wrap; None: AdamW per `optim` (the score pass passes one that never changes anything).
+    optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None
 
 
 class Engine(ABC):
@@ -38,6 +41,15 @@ class Engine(ABC):
     def step(self) -> bool:
         """Ends a micro-step; at an accumulation boundary clips, steps optimizer and schedule, zeroes
         gradients and returns True."""
+
+    @abstractmethod
+    def local_gradients(self) -> Iterator[tuple[str, int, torch.Tensor]]:
+        """(parameter name, flat offset, gradient) for this rank's own shard of each trainable parameter.
+
+        Valid after the backward of an accumulation boundary and before `step()`: the gradient of the
+        global-batch mean loss (reduced over ranks), fp32, 1-D, a view into the engine's own storage.
+        Shards of all ranks together cover every parameter exactly once; no rank gathers anything.
+        """
 
     @abstractmethod
     def lr(self) -> float: ...

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Iterator
 
 import deepspeed
 import torch
-from deepspeed.utils import safe_get_full_fp32_param
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_grad
 from torch import nn
 
 from spt_dist.engines.base import Engine, EngineSpec
@@ -33,8 +36,9 @@ class DeepSpeedEngine(Engine):
         }
         # The model is built normally (not under zero.Init, which would discard timm's init); initialize()
         # moves it to the device and, at stage 3, partitions it.
+        optimizer = spec.optimizer(model) if spec.optimizer else build_optimizer(model, spec.optim)
         self._engine, _, _, self._scheduler = deepspeed.initialize(
-            model=model, optimizer=build_optimizer(model, spec.optim), lr_scheduler=spec.scheduler,
+            model=model, optimizer=optimizer, lr_scheduler=spec.scheduler,
             config=config)
         self.module = self._engine
         self.input_dtype = torch.bfloat16 if bf16 else torch.float32
@@ -47,6 +51,34 @@ class DeepSpeedEngine(Engine):
         boundary = self._engine.is_gradient_accumulation_boundary()
         self._engine.step()
         return boundary
+
+    def local_gradients(self) -> Iterator[tuple[str, int, torch.Tensor]]:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        for name, param in self._engine.module.named_parameters():
+            if not param.requires_grad:
+                continue
+            if hasattr(param, "ds_id"):
+                # ZeRO-3: this rank's flat partition of ceil(numel / world) entries, zero-padded at the end.
+                size = param.ds_tensor.ds_numel
+                start = min(rank * size, param.ds_numel)
+                grad = safe_get_local_grad(param).view(-1)[: max(0, min(size, param.ds_numel - start))]
+                yield name, start, grad
+            elif self._stage in (1, 2):
+                # ZeRO-1/2: the fragment of the parameter inside this rank's flat optimizer partition (the
+                # same view deepspeed's safe_get_full_grad reads before its all-reduce). None: no fragment here.
+                mapping = param._hp_mapping
+                if mapping is None:
+                    continue
+                address = mapping.lp_fragment_address
+                grad = mapping.get_lp_grad_fragment(param._index_in_param_group).reshape(-1)
+                if grad.numel() == param.numel() and address.numel != param.numel():
+                    grad = grad.narrow(0, address.start, address.numel)
+                yield name, address.start, grad.float()
+            else:
+                # ZeRO-0: every rank holds the whole all-reduced gradient; each takes an equal slice of it.
+                size = math.ceil(param.numel() / world)
+                start = min(rank * size, param.numel())
+                yield name, start, param.grad.view(-1)[start : start + size].float()
 
     def lr(self) -> float:
         return self._scheduler.get_last_lr()[0]

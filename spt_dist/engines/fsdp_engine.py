@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -28,7 +31,7 @@ class FSDPEngine(Engine):
         fully_shard(model, mesh=mesh, mp_policy=policy)
         self.module = model
         self.input_dtype = torch.float32  # FSDP2 casts forward inputs to param_dtype itself
-        self._optimizer = build_optimizer(model, spec.optim)
+        self._optimizer = spec.optimizer(model) if spec.optimizer else build_optimizer(model, spec.optim)
         self._scheduler = spec.scheduler(self._optimizer)
         self._accum = spec.optim.grad_accum
         self._clip = spec.optim.grad_clip
@@ -54,6 +57,17 @@ class FSDPEngine(Engine):
             self._optimizer.zero_grad(set_to_none=True)
         self._set_sync()
         return boundary
+
+    def local_gradients(self) -> Iterator[tuple[str, int, torch.Tensor]]:
+        rank = dist.get_rank()
+        for name, param in self.module.named_parameters():
+            if param.grad is None:
+                continue
+            # FSDP2 shards dim 0 like torch.chunk: rank r holds rows [r * ceil(rows / world), ...).
+            rows = param.shape[0]
+            first_row = min(rank * math.ceil(rows / dist.get_world_size()), rows)
+            local = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+            yield name, first_row * (param.numel() // rows), local.reshape(-1).float()
 
     def lr(self) -> float:
         return self._scheduler.get_last_lr()[0]

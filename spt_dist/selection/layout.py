@@ -1,0 +1,183 @@
+"""What is scored and what the allocation decides about: scored tensors, their canonical global index, and
+decision units (matrices, with timm's fused qkv split into q/k/v; vectors).
+
+The canonical global index of an entry is (scored tensors in `named_parameters` order, concatenated) ×
+(row-major flat offset). It is the tie-breaker of equal scores, so it depends only on the model, never on
+world size, ZeRO stage or engine. Works on the meta device: planning a ViT-H needs no memory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from spt_dist.peft.lora import matrix_blocks
+
+# Not scored by SPT (SPEC 2): the new head and the embeddings.
+_SPT_EXCLUDED_PREFIXES = ("head.", "cls_token", "reg_token", "pos_embed", "patch_embed.")
+
+
+@dataclass(frozen=True)
+class ScoredTensor:
+    name: str
+    shape: tuple[int, ...]
+    offset: int  # canonical global index of its first entry
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def row_length(self) -> int:
+        """Entries per output row (conv weights count as [out, in·kh·kw])."""
+        return self.numel // self.shape[0] if len(self.shape) >= 2 else self.numel
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One thing the allocation decides about: a matrix (or a q/k/v row block of the fused qkv) or a vector."""
+
+    name: str  # e.g. 'blocks.3.attn.q', 'blocks.3.norm1.weight'
+    tensor: str  # the parameter it lives in
+    start: int  # flat range within the parameter
+    stop: int
+    kind: str  # 'matrix' | 'vector' | 'other' (other: sparse entries only, never structured)
+    rows: int
+    cols: int
+    matrix_type: str  # q, k, v, proj, fc1, fc2, bias, norm, ... (the heat map's columns)
+    block: int | None  # transformer block index, None outside the blocks
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class Layout:
+    tensors: list[ScoredTensor]
+    units: list[Unit]
+    backbone_params: int  # every parameter except the head: what a fractional budget refers to
+    cls_token_params: int  # always trained by SPT, so always in the cost
+
+    @property
+    def scored_params(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    def tensor(self, name: str) -> ScoredTensor:
+        return self._by_name[name]
+
+    @property
+    def _by_name(self) -> dict[str, ScoredTensor]:
+        return {t.name: t for t in self.tensors}
+
+    def unit_spans(self) -> list[tuple[int, int, int]]:
+        """(global start, global stop, unit index) of every unit, in global index order."""
+        by_name = self._by_name
+        spans = [(by_name[u.tensor].offset + u.start, by_name[u.tensor].offset + u.stop, i)
+                 for i, u in enumerate(self.units)]
+        return sorted(spans)
+
+
+def _block_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit() else None
+
+
+def scored_names(model: nn.Module, method: str) -> list[str]:
+    """SPT: every parameter of the blocks and the final norm. GPS: every weight (matrix or conv) but the head."""
+    head = {f"{n}." for n, m in model.named_modules() if m is model.get_classifier()}
+    names = []
+    for name, p in model.named_parameters():
+        if method == "spt":
+            if not name.startswith(_SPT_EXCLUDED_PREFIXES):
+                names.append(name)
+        elif p.ndim >= 2 and name.endswith(".weight") and not any(name.startswith(h) for h in head):
+            names.append(name)
+    return names
+
+
+def build_layout(model: nn.Module, method: str) -> Layout:
+    params = dict(model.named_parameters())
+    names = scored_names(model, method)
+    tensors, offset = [], 0
+    for name in names:
+        tensors.append(ScoredTensor(name, tuple(params[name].shape), offset))
+        offset += params[name].numel()
+
+    # Matrices: timm's qkv becomes three units (its q/k/v row blocks); other block Linears one each.
+    linear_units: dict[str, list[tuple[str, str, tuple[int, int]]]] = {}
+    for unit_name, (path, kind, rows) in matrix_blocks(model).items():
+        linear_units.setdefault(f"{path}.weight", []).append((unit_name, kind, rows))
+
+    units = []
+    for t in tensors:
+        block = _block_of(t.name)
+        if t.name in linear_units:
+            cols = t.shape[1]
+            for unit_name, kind, (r0, r1) in linear_units[t.name]:
+                units.append(Unit(unit_name, t.name, r0 * cols, r1 * cols, "matrix", r1 - r0, cols, kind, block))
+        elif len(t.shape) == 1:
+            leaf = t.name.rsplit(".", 1)[-1]
+            kind = "bias" if leaf == "bias" else "norm" if "norm" in t.name else leaf
+            units.append(Unit(t.name, t.name, 0, t.numel, "vector", 1, t.numel, kind, block))
+        else:
+            units.append(Unit(t.name, t.name, 0, t.numel, "other", t.shape[0], t.row_length,
+                              t.name.rsplit(".", 2)[-2], block))
+
+    head_params = sum(p.numel() for p in model.get_classifier().parameters())
+    backbone = sum(p.numel() for p in model.parameters()) - head_params
+    cls = model.cls_token.numel() if getattr(model, "cls_token", None) is not None else 0
+    return Layout(tensors, units, backbone, cls)
+
+
+def module_cost(unit: Unit, structured: str, rank: int) -> int:
+    """Parameters of the module a structured matrix gets (SPEC 2): LoRA r(d_in + d_out); Adapter 2 r d_out + r + d_out."""
+    if structured == "lora":
+        return rank * (unit.cols + unit.rows)
+    if structured == "adapter":
+        return 2 * rank * unit.rows + rank + unit.rows
+    raise ValueError(structured)
+
+
+def unit_costs(layout: Layout, structured: str, rank: int, alpha: float, beta: float) -> "UnitCosts":
+    return UnitCosts(layout, structured, rank, alpha, beta)
+
+
+class UnitCosts:
+    """Cost of every unit as a function of its pick count, vectorised over units (and over candidate cuts).
+
+    matrix: the module's cost once picks >= cost/alpha, else the picks; vector: its length once picks >=
+    length/beta, else the picks; other tensors: the picks. Monotone in the picks, so the total cost is
+    monotone in the global threshold.
+    """
+
+    def __init__(self, layout: Layout, structured: str, rank: int, alpha: float, beta: float) -> None:
+        kinds = [u.kind for u in layout.units]
+        full = []
+        for u in layout.units:
+            if u.kind == "matrix" and structured != "none":
+                full.append(module_cost(u, structured, rank))
+            elif u.kind == "vector":
+                full.append(u.size)
+            else:
+                full.append(-1)  # never switches to a full/structured cost
+        self.full_cost = torch.tensor(full, dtype=torch.float64)
+        factor = [alpha if k == "matrix" else beta if k == "vector" else 0.0 for k in kinds]
+        self.factor = torch.tensor(factor, dtype=torch.float64)
+        self.base = layout.cls_token_params
+        self.structured = structured
+
+    def switched(self, picks: torch.Tensor) -> torch.Tensor:
+        """Which units take their full/structured cost at these pick counts ([..., units] int64)."""
+        n = picks.to(torch.float64)
+        return (self.full_cost > 0) & (n > 0) & (n * self.factor >= self.full_cost)
+
+    def per_unit(self, picks: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.switched(picks), self.full_cost.to(torch.int64), picks)
+
+    def total(self, picks: torch.Tensor) -> torch.Tensor:
+        """Total cost for pick counts [..., units] -> [...] (int64), cls_token included."""
+        return self.per_unit(picks).sum(-1) + self.base

@@ -1,0 +1,137 @@
+"""The score pass: gradients of the task loss on calibration batches, accumulated per rank on its own shard.
+
+The model goes through the configured engine (DeepSpeed ZeRO 0-3 or FSDP2) with only the scored tensors
+trainable and an optimizer that never changes anything: the engine reduces (ZeRO-0) or reduce-scatters
+(ZeRO-1/2/3, FSDP2) each global batch's gradient as in training, and each rank adds its own shard of it to
+its scores, s += g² (SPT) or s += g then |s| (GPS). No full gradient is gathered, no parameter moves.
+
+Always fp32 and without drop-path (as the SPT reference scores): the scores are then a deterministic function
+of the model and the calibration batches, the same on every engine and world size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from spt_dist.config import Config
+from spt_dist.data.dataset import Dataset
+from spt_dist.data.transforms import build_contrastive_transform, build_transforms
+from spt_dist.distributed import DistInfo, all_reduce_sum
+from spt_dist.engines import EngineSpec, build_engine
+from spt_dist.errors import UserError
+from spt_dist.models import create_model
+from spt_dist.selection.calibration import CalibrationBatches
+from spt_dist.selection.layout import Layout, build_layout
+from spt_dist.selection.losses import global_batch_contrastive_loss
+from spt_dist.selection.scores import LocalScores, check_coverage
+
+
+class _NoStepOptimizer(torch.optim.Optimizer):
+    """Holds the scored parameters so the engine reduces and partitions their gradients; never updates them."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params, {"lr": 0.0})
+
+    def step(self, closure=None):  # noqa: ARG002 - the engine calls it; scoring must not move any weight
+        return None
+
+
+@dataclass
+class ScorePass:
+    scores: LocalScores
+    layout: Layout
+    info: dict  # what was scored and how; saved as scores/scores.json
+
+
+def calibration_batches(cfg: Config, data: Dataset, world: int) -> int:
+    sel = cfg.selection
+    if sel.batches is not None:
+        return sel.batches
+    batches = data.train_samples // sel.batch_size  # one pass over the train split, full batches only
+    if batches == 0:
+        raise UserError(f"selection.batch_size: {sel.batch_size} is larger than the {data.train_samples} "
+                        "training samples")
+    return batches
+
+
+def build_score_model(cfg: Config, num_classes: int) -> torch.nn.Module:
+    # The contrastive loss uses the CLS feature after the final norm, so that model has no head (timm:
+    # num_classes=0 gives the pre-logits features). The same seed as training: the same initial weights.
+    torch.manual_seed(cfg.seed)
+    contrastive = cfg.selection.score_loss == "supcon"
+    return create_model(cfg.model.name, 0 if contrastive else num_classes, checkpoint=cfg.model.checkpoint,
+                        img_size=cfg.model.img_size, drop_path_rate=0.0)
+
+
+def run_score_pass(cfg: Config, data: Dataset, dist_info: DistInfo, say=print) -> ScorePass:
+    sel = cfg.selection
+    world, rank = dist_info.world_size, dist_info.rank
+    micro = sel.micro_batch_size or sel.batch_size // world
+    contrastive = sel.score_loss == "supcon"
+    if contrastive and micro * world != sel.batch_size:
+        raise UserError(f"selection.micro_batch_size: the contrastive loss needs the whole global batch at once "
+                        f"({sel.batch_size} = {world} ranks x micro-batch), got {micro}")
+    if sel.batch_size % world:
+        raise UserError(f"selection.batch_size: {sel.batch_size} is not divisible by {world} ranks")
+
+    model = build_score_model(cfg, data.num_classes)
+    layout = build_layout(model, sel.method)
+    scored = {t.name for t in layout.tensors}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in scored)  # unscored tensors need no gradient: less memory and traffic
+
+    views = 2 if contrastive else 1
+    transform = build_contrastive_transform(model) if sel.augmented else build_transforms(model, cfg.data)[1]
+    batches = calibration_batches(cfg, data, world)
+    stream = CalibrationBatches(
+        data.train_shards, rank=rank, world=world, batch_size=sel.batch_size, micro_batch_size=micro,
+        batches=batches, transform=transform, views=views, augment_seed=cfg.seed if sel.augmented else None,
+        shuffle_seed=cfg.seed if sel.shuffled else None, shuffle_buffer=cfg.data.shuffle_buffer,
+        num_classes=data.num_classes)
+
+    engine_cfg = dataclasses.replace(cfg.engine, precision="fp32")
+    optim_cfg = dataclasses.replace(cfg.optim, grad_accum=stream.accumulation, grad_clip=0.0)
+    engine = build_engine(model, EngineSpec(
+        engine=engine_cfg, optim=optim_cfg, micro_batch_size=micro, device=dist_info.device,
+        scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0),
+        optimizer=lambda m: _NoStepOptimizer([p for p in m.parameters() if p.requires_grad])))
+    engine.train()
+
+    say(f"score pass: {sel.method.upper()} ({'sum of squared' if sel.method == 'spt' else '|sum of|'} "
+        f"{sel.score_loss} gradients), {batches} batches of {sel.batch_size} "
+        f"({stream.accumulation} x {micro} per rank), {len(layout.tensors)} tensors / "
+        f"{layout.scored_params:,} entries scored")
+    scores, start, loss_sum = LocalScores(), time.perf_counter(), 0.0
+    for micro_batches in stream:
+        for i, batch in enumerate(micro_batches):
+            images = batch["images"].to(dist_info.device, non_blocking=True)
+            labels = batch["labels"].to(dist_info.device, non_blocking=True)
+            out = engine.module(images)
+            if contrastive:
+                loss = global_batch_contrastive_loss(out, labels, views, sel.temperature)
+            else:
+                loss = F.cross_entropy(out.float(), labels)
+            engine.backward(loss)
+            # (The contrastive loss is this rank's share times the world size; report the global loss.)
+            loss_sum += loss.item() / (world if contrastive else 1) / len(micro_batches)
+            if i == len(micro_batches) - 1:  # the boundary: this rank's shard of the global-batch gradient
+                for name, offset, grad in engine.local_gradients():
+                    scores.add_gradient(name, offset, grad, square=sel.method == "spt")
+            engine.step()  # no parameter changes; lets the engine clear its gradient buffers
+    scores.finish(absolute=sel.method == "gps")
+    elapsed = time.perf_counter() - start
+    check_coverage(scores, layout)
+    mean_loss, = all_reduce_sum([loss_sum / batches])
+    skipped, = all_reduce_sum([float(sum(stream.faults.snapshot().values()))])
+    info = {"method": sel.method, "loss": sel.score_loss, "batches": batches, "batch_size": sel.batch_size,
+            "samples": batches * sel.batch_size, "augment": sel.augmented, "shuffle": sel.shuffled,
+            "model": cfg.model.name, "scored_tensors": len(layout.tensors), "scored_params": layout.scored_params,
+            "mean_loss": mean_loss / (1 if contrastive else world), "skipped_samples": int(skipped) // world,  # every rank read all
+            "time_s": elapsed}
+    say(f"score pass: {elapsed:.1f} s, mean loss {info['mean_loss']:.4f}")
+    return ScorePass(scores, layout, info)
