@@ -16,6 +16,10 @@ from spt_dist.errors import UserError
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML run config (see configs/)")
+    parser.add_argument("--stage", default="train", choices=["train", "score", "allocate", "select"],
+                        help="train (default); score: the score pass alone (scores saved in the run directory); "
+                             "allocate: the allocation from saved scores (e.g. with another selection.budget); "
+                             "select: score then allocate")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
     return parser.parse_args(argv)
@@ -26,8 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         cfg = load_config(args.config, args.overrides)  # before any process group: fails fast on every rank
-        from spt_dist.trainer import Trainer  # heavy imports (deepspeed, timm) only once the config is sound
-        Trainer(cfg, init_distributed(cfg.engine.timeout_s)).fit()
+        dist_info = init_distributed(cfg.engine.timeout_s)
+        # Heavy imports (deepspeed, timm) only once the config is sound.
+        if args.stage == "train":
+            from spt_dist.trainer import Trainer
+            Trainer(cfg, dist_info).fit()
+        else:
+            from spt_dist.selection.stage import run_selection
+            run_selection(cfg, dist_info, args.stage)
         shutdown_distributed()
     except UserError as e:
         shutdown_distributed(wait=False)

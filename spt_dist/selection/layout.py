@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -61,6 +62,7 @@ class Layout:
     units: list[Unit]
     backbone_params: int  # every parameter except the head: what a fractional budget refers to
     cls_token_params: int  # always trained by SPT, so always in the cost
+    bias_params: int  # every bias outside the head: GPS trains them all
 
     @property
     def scored_params(self) -> int:
@@ -69,7 +71,7 @@ class Layout:
     def tensor(self, name: str) -> ScoredTensor:
         return self._by_name[name]
 
-    @property
+    @cached_property
     def _by_name(self) -> dict[str, ScoredTensor]:
         return {t.name: t for t in self.tensors}
 
@@ -130,7 +132,9 @@ def build_layout(model: nn.Module, method: str) -> Layout:
     head_params = sum(p.numel() for p in model.get_classifier().parameters())
     backbone = sum(p.numel() for p in model.parameters()) - head_params
     cls = model.cls_token.numel() if getattr(model, "cls_token", None) is not None else 0
-    return Layout(tensors, units, backbone, cls)
+    head = {id(p) for p in model.get_classifier().parameters()}
+    biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias") and id(p) not in head)
+    return Layout(tensors, units, backbone, cls, biases)
 
 
 def module_cost(unit: Unit, structured: str, rank: int) -> int:
@@ -140,10 +144,6 @@ def module_cost(unit: Unit, structured: str, rank: int) -> int:
     if structured == "adapter":
         return 2 * rank * unit.rows + rank + unit.rows
     raise ValueError(structured)
-
-
-def unit_costs(layout: Layout, structured: str, rank: int, alpha: float, beta: float) -> "UnitCosts":
-    return UnitCosts(layout, structured, rank, alpha, beta)
 
 
 class UnitCosts:

@@ -131,7 +131,7 @@ def run_score_pass(cfg: Config, data: Dataset, dist_info: DistInfo, say=print) -
     info = {"method": sel.method, "loss": sel.score_loss, "batches": batches, "batch_size": sel.batch_size,
             "samples": batches * sel.batch_size, "augment": sel.augmented, "shuffle": sel.shuffled,
             "model": cfg.model.name, "scored_tensors": len(layout.tensors), "scored_params": layout.scored_params,
-            "mean_loss": mean_loss / (1 if contrastive else world), "skipped_samples": int(skipped) // world,  # every rank read all
+            "mean_loss": mean_loss / world, "skipped_samples": int(skipped) // world,  # every rank read all
             "time_s": elapsed}
     say(f"score pass: {elapsed:.1f} s, mean loss {info['mean_loss']:.4f}")
     return ScorePass(scores, layout, info)
