@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from spt_dist.data.dataset import Dataset
 from spt_dist.data.transforms import build_contrastive_transform, build_transforms
 from spt_dist.distributed import DistInfo, all_reduce_sum
 from spt_dist.engines import EngineSpec, build_engine
+from spt_dist.engines.base import Engine
 from spt_dist.errors import UserError
 from spt_dist.models import create_model
 from spt_dist.selection.calibration import CalibrationBatches
@@ -68,7 +70,49 @@ def build_score_model(cfg: Config, num_classes: int) -> torch.nn.Module:
                         img_size=cfg.model.img_size, drop_path_rate=0.0)
 
 
-def run_score_pass(cfg: Config, data: Dataset, dist_info: DistInfo, say=print) -> ScorePass:
+def score_loss_fn(sel, views: int, world: int) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, float]]:
+    """(model output, labels) -> (the loss to back-propagate, the global-batch loss to report)."""
+    if sel.score_loss == "supcon":
+        def contrastive(out, labels):
+            # This rank's share times the world size (see losses.py); the global loss is that over the world.
+            loss = global_batch_contrastive_loss(out, labels, views, sel.temperature)
+            return loss, loss.item() / world
+        return contrastive
+    def cross_entropy(out, labels):
+        loss = F.cross_entropy(out.float(), labels)
+        return loss, loss.item()
+    return cross_entropy
+
+
+def global_batch_step(engine: Engine, micro_batches: list[dict], loss_fn, device, at_boundary=None) -> float:
+    """Forward/backward of this rank's micro-batches of one global batch, then the engine's (no-op) step.
+
+    `at_boundary` runs after the last backward, when the engine has reduced the global-batch gradient and
+    before its step clears it. Returns the mean loss over the micro-batches."""
+    loss_sum = 0.0
+    for i, batch in enumerate(micro_batches):
+        images = batch["images"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        loss, reported = loss_fn(engine.module(images), labels)
+        engine.backward(loss)
+        loss_sum += reported
+        if at_boundary is not None and i == len(micro_batches) - 1:
+            at_boundary()
+        engine.step()
+    return loss_sum / len(micro_batches)
+
+
+@dataclass
+class ScoreSetup:
+    """Everything a score pass runs on: the scored model inside its engine, the batches and the loss."""
+    engine: Engine
+    layout: Layout
+    stream: CalibrationBatches
+    loss_fn: Callable
+    batches: int
+
+
+def prepare_score_pass(cfg: Config, data: Dataset, dist_info: DistInfo) -> ScoreSetup:
     sel = cfg.selection
     world, rank = dist_info.world_size, dist_info.rank
     micro = sel.micro_batch_size or sel.batch_size // world
@@ -102,27 +146,27 @@ def run_score_pass(cfg: Config, data: Dataset, dist_info: DistInfo, say=print) -
         optimizer=lambda m: _NoStepOptimizer([p for p in m.parameters() if p.requires_grad])))
     engine.train()
 
+    return ScoreSetup(engine, layout, stream, score_loss_fn(sel, views, world), batches)
+
+
+def accumulate_scores(engine: Engine, scores: LocalScores, method: str) -> None:
+    """Adds this rank's shard of the current (reduced) global-batch gradient to its scores."""
+    for name, offset, grad in engine.local_gradients():
+        scores.add_gradient(name, offset, grad, square=method == "spt")
+
+
+def run_score_pass(cfg: Config, data: Dataset, dist_info: DistInfo, say=print) -> ScorePass:
+    sel = cfg.selection
+    run = prepare_score_pass(cfg, data, dist_info)
+    engine, layout, stream, batches, world = run.engine, run.layout, run.stream, run.batches, dist_info.world_size
     say(f"score pass: {sel.method.upper()} ({'sum of squared' if sel.method == 'spt' else '|sum of|'} "
         f"{sel.score_loss} gradients), {batches} batches of {sel.batch_size} "
-        f"({stream.accumulation} x {micro} per rank), {len(layout.tensors)} tensors / "
+        f"({stream.accumulation} x {stream.micro_batch_size} per rank), {len(layout.tensors)} tensors / "
         f"{layout.scored_params:,} entries scored")
     scores, start, loss_sum = LocalScores(), time.perf_counter(), 0.0
     for micro_batches in stream:
-        for i, batch in enumerate(micro_batches):
-            images = batch["images"].to(dist_info.device, non_blocking=True)
-            labels = batch["labels"].to(dist_info.device, non_blocking=True)
-            out = engine.module(images)
-            if contrastive:
-                loss = global_batch_contrastive_loss(out, labels, views, sel.temperature)
-            else:
-                loss = F.cross_entropy(out.float(), labels)
-            engine.backward(loss)
-            # (The contrastive loss is this rank's share times the world size; report the global loss.)
-            loss_sum += loss.item() / (world if contrastive else 1) / len(micro_batches)
-            if i == len(micro_batches) - 1:  # the boundary: this rank's shard of the global-batch gradient
-                for name, offset, grad in engine.local_gradients():
-                    scores.add_gradient(name, offset, grad, square=sel.method == "spt")
-            engine.step()  # no parameter changes; lets the engine clear its gradient buffers
+        loss_sum += global_batch_step(engine, micro_batches, run.loss_fn, dist_info.device,
+                                      lambda: accumulate_scores(engine, scores, sel.method))
     scores.finish(absolute=sel.method == "gps")
     elapsed = time.perf_counter() - start
     check_coverage(scores, layout)

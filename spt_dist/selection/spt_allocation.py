@@ -6,12 +6,13 @@ int32 bit patterns of the fp32 scores, which order like the scores for non-negat
 
 Cost(τ) is monotone in τ (see layout.UnitCosts), so "the τ whose cost is closest to the budget" needs only
 "the longest prefix with cost <= X" (two or three times). That search works on per-unit pick counts,
-all-reduced:
-  1. one pass: a histogram per unit over the top 11 key bits (2048 bins), all-reduced → the cost of taking
-     whole bins, so the bin holding the boundary is known;
-  2. one pass: this rank's entries in that bin (usually a tiny fraction), sorted locally;
-  3. bisection over the bin's keys and then over the global index of tied entries: each probe all-reduces
-     one int64 count per unit (≈ 50 probes).
+all-reduced, like a radix select:
+  1. one pass over the scores: a histogram per unit of the top 11 key bits (2048 bins), all-reduced: the cost
+     of taking whole bins, so the bin holding the boundary is known;
+  2. one pass: this rank's entries in that bin (usually well under 1 %), kept as candidates;
+  3. on the candidates only: per-unit histograms of the next 10 key bits, then of the last 10, all-reduced,
+     pin the boundary key exactly; a bisection over the global index of the entries tied at that key (each
+     probe all-reduces one int64 count per unit) places the cut among them.
 Everything is integer arithmetic, so the cut is exact and identical on every world size.
 """
 
@@ -29,7 +30,9 @@ from spt_dist.selection.scores import LocalScores
 
 _SHIFT = 20  # level-1 bins: key >> 20, i.e. sign (always 0), exponent and 3 mantissa bits
 _BINS = 1 << (31 - _SHIFT)
-_CHUNK = 1 << 22  # entries per vectorised step: temporaries stay in cache
+_SUB_BITS = 10  # levels 2 and 3 split the remaining 20 key bits
+_SUB_MASK = (1 << _SUB_BITS) - 1
+_CHUNK = 1 << 18  # entries per vectorised step: temporaries stay in cache
 _INF_KEY = 0x7F800000  # bit pattern of +inf; anything above is NaN
 _NOTHING = (torch.iinfo(torch.int32).max, -1)  # a cut that selects nothing
 
@@ -78,12 +81,37 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+_EIGHT = torch.arange(8)
+
+
+def _positions(flags: torch.Tensor) -> torch.Tensor:
+    """torch.nonzero of a mostly-zero 1-D int32 0/1 tensor, fast: on CPU, comparisons into bool tensors and
+    nonzero are the slow eager ops (~0.4 ns/entry each), in-place int32 comparisons are several times faster,
+    and nonzero over the flags read 8 at a time as int64 words scans 8x fewer elements."""
+    mask = flags.bool()
+    whole = mask.numel() // 8 * 8
+    words = torch.nonzero(mask[:whole].view(torch.int64)).view(-1)
+    where = (words[:, None] * 8 + _EIGHT).view(-1)
+    where = where[mask[where]]
+    if whole < mask.numel():
+        where = torch.cat([where, torch.nonzero(mask[whole:]).view(-1) + whole])
+    return where
+
+
+def _taking_bins_from(hist: torch.Tensor) -> torch.Tensor:
+    """[units, bins + 1]: column s holds the picks per unit when every bin >= s is taken (the last: none)."""
+    return torch.cat([hist.flip(1).cumsum(1).flip(1), torch.zeros(hist.shape[0], 1, dtype=torch.int64)], 1)
+
+
 class ThresholdSearch:
     def __init__(self, segments: list[Segment], layout: Layout, costs: UnitCosts) -> None:
         self.segments, self.layout, self.costs = segments, layout, costs
         self.units = len(layout.units)
         self.total_entries = layout.scored_params
         hist = torch.zeros(self.units, _BINS, dtype=torch.int64)
+        # Each chunk's own histogram (2048 counts): the later passes skip chunks with nothing in the bins they
+        # look for (scores span orders of magnitude across layers, so many chunks hold nothing near the cut).
+        self._chunk_hists: list[torch.Tensor] = []
         for seg in segments:
             for i in range(0, seg.keys.numel(), _CHUNK):
                 part = seg.keys[i : i + _CHUNK]
@@ -92,12 +120,21 @@ class ThresholdSearch:
                     name = layout.units[seg.unit].name
                     raise UserError(f"scores of '{name}' hold NaN or negative values; the score pass diverged "
                                     "(check the data and the model checkpoint)")
-                hist[seg.unit] += torch.bincount(part >> _SHIFT, minlength=_BINS)
+                self._chunk_hists.append(torch.bincount(part >> _SHIFT, minlength=_BINS))
+                hist[seg.unit] += self._chunk_hists[-1]
         _all_reduce(hist)
-        # at_edge[:, b]: picks per unit when every bin >= b is taken; column _BINS: nothing taken.
-        self.at_edge = torch.cat([hist.flip(1).cumsum(1).flip(1), torch.zeros(self.units, 1, dtype=torch.int64)], 1)
+        self.at_edge = _taking_bins_from(hist)
         self.edge_cost = costs.total(self.at_edge.T)  # [_BINS + 1], non-increasing
         self._candidates: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._above: dict[int, tuple[list[bool], list[tuple[int, torch.Tensor]]]] = {}
+
+    def _chunks(self):
+        """(segment, offset of the chunk in it, chunk keys, the chunk's level-1 histogram), in a fixed order."""
+        n = 0
+        for seg in self.segments:
+            for i in range(0, seg.keys.numel(), _CHUNK):
+                yield seg, i, seg.keys[i : i + _CHUNK], self._chunk_hists[n]
+                n += 1
 
     # -------------------------------------------------------------------------------------------- cuts
 
@@ -110,35 +147,44 @@ class ThresholdSearch:
         return Cut(*_NOTHING, picks, int(self.costs.total(picks)))
 
     def _bin_candidates(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's entries in bin b as (keys desc, global index asc within equal keys, unit)."""
+        """This rank's entries in level-1 bin b as (key, global index, unit), int64, in index order.
+
+        The same pass keeps, for `selected`, the entries above bin b in the units that may still end up sparse:
+        those not yet switched with every bin above b taken (switching is monotone in the picks). They have
+        fewer picks than their switch point, so these lists stay small."""
         if b not in self._candidates:
-            keys, index, unit = [], [], []
-            for seg in self.segments:
-                for i in range(0, seg.keys.numel(), _CHUNK):
-                    part = seg.keys[i : i + _CHUNK]
-                    where = torch.nonzero((part >> _SHIFT) == b).view(-1)
-                    if where.numel():
-                        keys.append(part[where].long())
-                        index.append(where + (seg.gstart + i))
-                        unit.append(torch.full_like(where, seg.unit))
-            keys = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int64)
-            index = torch.cat(index) if index else torch.zeros(0, dtype=torch.int64)
-            unit = torch.cat(unit) if unit else torch.zeros(0, dtype=torch.int64)
-            order = torch.argsort(index, stable=True)  # segments come in index order; make sure
-            keys, index, unit = keys[order], index[order], unit[order]
-            order = torch.argsort(-keys, stable=True)  # key descending, index ascending among ties
-            self._candidates[b] = (keys[order], index[order], unit[order])
+            maybe_sparse = (~self.costs.switched(self.at_edge[:, b + 1])).tolist()
+            keys, index, unit, above = [], [], [], []
+            for seg, i, part, chunk_hist in self._chunks():
+                first = seg.gstart + i
+                if maybe_sparse[seg.unit] and chunk_hist[b + 1 :].any():
+                    where = _positions((part >> _SHIFT).ge_(b))
+                    in_bin = (part[where] >> _SHIFT) == b
+                    above.append((seg.unit, where[~in_bin] + first))
+                    where = where[in_bin]
+                elif chunk_hist[b]:
+                    where = _positions((part >> _SHIFT).eq_(b))
+                else:
+                    continue
+                keys.append(part[where].long())
+                index.append(where + first)
+                unit.append(torch.full_like(where, seg.unit))
+            empty = torch.zeros(0, dtype=torch.int64)
+            self._candidates[b] = tuple(torch.cat(x) if x else empty for x in (keys, index, unit))
+            self._above[b] = (maybe_sparse, above)
         return self._candidates[b]
 
-    def _picks(self, b: int, key: int, index: int) -> torch.Tensor:
-        """Global picks per unit of the cut (key, index), which lies in bin b (collective)."""
-        keys, idx, unit = self._bin_candidates(b)
-        neg = -keys
-        above = int(torch.searchsorted(neg, -key, side="left"))  # entries with key > cut key
-        tied_end = int(torch.searchsorted(neg, -key, side="right"))
-        taken = above + int(torch.searchsorted(idx[above:tied_end], index, side="right"))
-        local = torch.bincount(unit[:taken], minlength=self.units)
-        return _all_reduce(local) + self.at_edge[:, b + 1]
+    def _unit_histogram(self, unit: torch.Tensor, bins: torch.Tensor, width: int) -> torch.Tensor:
+        """[units, width] global counts of (unit, bin) pairs (collective)."""
+        flat = torch.bincount(unit * width + bins, minlength=self.units * width)
+        return _all_reduce(flat.view(self.units, width))
+
+    def _boundary(self, hist: torch.Tensor, base: torch.Tensor, limit: int) -> tuple[int, torch.Tensor]:
+        """The bin s where the prefix crosses `limit`: taking `base` plus every bin above s costs <= limit,
+        taking bin s too costs more. Returns s and the picks of `base` plus the bins above s."""
+        at_edge = _taking_bins_from(hist) + base[:, None]
+        s = int(torch.nonzero(self.costs.total(at_edge.T) > limit).max())
+        return s, at_edge[:, s + 1]
 
     def longest_prefix(self, limit: int) -> Cut | None:
         """The longest prefix of the order whose cost is <= limit; None if even the empty one costs more."""
@@ -146,40 +192,44 @@ class ThresholdSearch:
             return self.everything()
         if int(self.edge_cost[_BINS]) > limit:
             return None
-        # The boundary bin: taking every bin above it fits, taking it too does not.
+        # Level 1: the boundary bin b (every bin above it fits, taking it too does not).
         b = int(torch.nonzero(self.edge_cost > limit).max())
+        keys, index, unit = self._bin_candidates(b)
+        base, key = self.at_edge[:, b + 1], b
+        # Levels 2 and 3: the same on the candidates, 10 key bits at a time, down to the exact key.
+        for shift in (_SUB_BITS, 0):
+            s, base = self._boundary(self._unit_histogram(unit, (keys >> shift) & _SUB_MASK, _SUB_MASK + 1),
+                                     base, limit)
+            keep = ((keys >> shift) & _SUB_MASK) == s
+            keys, index, unit, key = keys[keep], index[keep], unit[keep], (key << _SUB_BITS) | s
+        # Entries with a key above `key` fit (base); all of those tied at it do not: order ties by index.
+        order = torch.argsort(index)
+        index, unit = index[order], unit[order]
 
-        def fits(picks: torch.Tensor) -> bool:
-            return int(self.costs.total(picks)) <= limit
+        def tied_picks(last: int) -> torch.Tensor:  # base + tied entries with global index <= last
+            taken = int(torch.searchsorted(index, last, side="right"))
+            return base + _all_reduce(torch.bincount(unit[:taken], minlength=self.units))
 
-        lo, hi = (b << _SHIFT) - 1, ((b + 1) << _SHIFT) - 1  # "key > lo" does not fit, "key > hi" fits
+        lo, hi = -1, self.total_entries  # "index <= lo" fits, "index <= hi" does not
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if fits(self._picks(b, mid, -1)):
-                hi = mid
-            else:
-                lo = mid
-        key = hi  # entries with exactly this key exist, and taking all of them does not fit
-        lo, hi = -1, self.total_entries  # among ties (index ascending): "index <= lo" fits, "<= hi" does not
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if fits(self._picks(b, key, mid)):
+            if int(self.costs.total(tied_picks(mid))) <= limit:
                 lo = mid
             else:
                 hi = mid
-        picks = self._picks(b, key, lo)
+        picks = tied_picks(lo)
         return Cut(key, lo, picks, int(self.costs.total(picks)))
 
     def _next_unit(self, cut: Cut) -> int:
-        """The unit of the first entry after the cut, over all ranks (collective)."""
+        """The unit of the first entry after the cut, over all ranks (collective). It lies in the bin searched
+        last (taking that whole bin did not fit), whose candidates are cached."""
         best = torch.tensor([-1, -1, -1], dtype=torch.int64)  # (key, -index, unit): max wins
-        for b in sorted(self._candidates, reverse=True):
-            keys, idx, unit = self._candidates[b]
-            after = (keys < cut.key) | ((keys == cut.key) & (idx > cut.index))
-            if after.any():
-                i = int(torch.nonzero(after)[0])
-                best = torch.tensor([int(keys[i]), -int(idx[i]), int(unit[i])])
-                break
+        keys, index, unit = self._candidates[cut.key >> _SHIFT]
+        after = (keys < cut.key) | ((keys == cut.key) & (index > cut.index))
+        if after.any():
+            top = keys[after].max()
+            first = index[after & (keys == top)].min()
+            best = torch.tensor([int(top), -int(first), int(unit[index == first][0])])
         everyone = [torch.empty_like(best) for _ in range(dist.get_world_size())]
         dist.all_gather(everyone, best)
         return int(max(everyone, key=lambda t: (int(t[0]), int(t[1])))[2])
@@ -200,17 +250,26 @@ class ThresholdSearch:
         return below
 
     def selected(self, cut: Cut, units: set[int]) -> list[tuple[int, torch.Tensor]]:
-        """(unit, global indices) of this rank's selected entries in the given units."""
-        out = []
-        for seg in self.segments:
-            if seg.unit not in units:
-                continue
-            for i in range(0, seg.keys.numel(), _CHUNK):
-                part = seg.keys[i : i + _CHUNK].long()
-                take = (part > cut.key) | ((part == cut.key) & (torch.arange(part.numel()) + seg.gstart + i <= cut.index))
-                where = torch.nonzero(take).view(-1)
-                if where.numel():
-                    out.append((seg.unit, where + seg.gstart + i))
+        """(unit, global indices) of this rank's selected entries in the given units (sparse ones under the cut):
+        those above the cut's level-1 bin, kept by the candidate pass, and those in it that are above the cut
+        or tied at it up to its index."""
+        if cut.key < 0:  # everything
+            return [(seg.unit, torch.arange(seg.gstart, seg.gstart + seg.keys.numel()))
+                    for seg in self.segments if seg.unit in units]
+        if cut.key > _INF_KEY:  # nothing
+            return []
+        b = cut.key >> _SHIFT
+        keys, index, unit = self._candidates[b]
+        maybe_sparse, above = self._above[b]
+        assert all(maybe_sparse[u] for u in units), "a unit switched above the cut's bin cannot be sparse"
+        out = [(u, where) for u, where in above if u in units and where.numel()]
+        taken = (keys > cut.key) | ((keys == cut.key) & (index <= cut.index))
+        unit, index = unit[taken], index[taken]
+        order = torch.argsort(unit, stable=True)  # grouped by unit, index order kept within each
+        groups, counts = torch.unique_consecutive(unit[order], return_counts=True)
+        for u, where in zip(groups.tolist(), torch.split(index[order], counts.tolist())):
+            if u in units:
+                out.append((u, where))
         return out
 
 
