@@ -59,15 +59,24 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    name: Literal["full", "linear", "lora"] = "full"
+    # full, linear, lora: the baselines. spt_lora, spt_adapter, gps: train what the allocation of `selection`
+    # chose (read from `allocation`, or from this run's directory, made there first if absent).
+    name: Literal["full", "linear", "lora", "spt_lora", "spt_adapter", "gps"] = "full"
+    allocation: str | None = None  # a run directory holding allocation.json and allocation.safetensors
+    # How sparse entries train: delta (a zero-initialised delta on exactly those entries: state and traffic sized
+    # by them) or dense_masked (the whole tensor trains with the other entries' gradients zeroed, as the GPS
+    # reference does: for comparison).
+    sparse_update: Literal["delta", "dense_masked"] = "delta"
     lora_rank: int = 8
     lora_alpha: float | None = None  # None: alpha = rank, i.e. no scaling (the SPT reference's choice)
-    lora_dropout: float = 0.0
+    lora_dropout: float = 0.0  # on the input of LoRA and Adapter modules
     # Matrices that get LoRA; `q`, `k`, `v` are the row blocks of timm's fused qkv Linear.
     lora_targets: list[str] = field(default_factory=lambda: ["q", "v"])
 
     def validate(self) -> None:
         _check(self.lora_rank > 0, "method.lora_rank", self.lora_rank, "must be > 0")
+        _check(self.allocation is None or self.name in ("spt_lora", "spt_adapter", "gps"), "method.allocation",
+               self.allocation, f"method.name {self.name} trains no allocation")
         _check(0.0 <= self.lora_dropout < 1.0, "method.lora_dropout", self.lora_dropout, "must be in [0, 1)")
         known = ("q", "k", "v", "proj", "fc1", "fc2")
         for target in self.lora_targets:
@@ -79,7 +88,7 @@ class MethodConfig:
 class SelectionConfig:
     """Sensitivity scoring and parameter allocation (SPT, GPS): ../shared/SPEC.md sections 2-3."""
 
-    method: Literal["spt", "gps"] = "spt"
+    method: Literal["spt", "gps"] | None = None  # None: gps for method.name gps, else spt
     # Score pass. SPT: s = sum_b g_b^2 of the CE gradient; GPS: s = |sum_b g_b| of `loss`.
     loss: Literal["ce", "supcon"] | None = None  # None: spt -> ce, gps -> supcon
     temperature: float = 0.07  # supervised contrastive loss
@@ -90,16 +99,23 @@ class SelectionConfig:
     augment: bool | None = None  # None: gps -> contrastive views (crop, flip, jitter, grey); spt -> none
     # SPT allocation.
     budget: float = 0.01  # >= 1: a parameter count; < 1: a fraction of the backbone's parameters
-    structured: Literal["lora", "adapter", "none"] = "lora"
+    structured: Literal["lora", "adapter", "none"] | None = None  # None: adapter for spt_adapter, else lora
     module_rank: int = 8
     alpha: float = 10.0  # a matrix gets the module when picks >= module cost / alpha
     beta: float = 5.0  # a vector is tuned fully when picks >= length / beta
     # GPS allocation: the top-k inputs of every output row of every eligible weight.
     k: int = 1
 
+    def resolved(self, method_name: str = "") -> "SelectionConfig":
+        """This selection with unset `method` / `structured` as `method.name` implies (gps -> GPS, spt_adapter
+        -> Adapters; otherwise SPT with LoRA)."""
+        return dataclasses.replace(
+            self, method=self.method or ("gps" if method_name == "gps" else "spt"),
+            structured=self.structured or ("adapter" if method_name == "spt_adapter" else "lora"))
+
     @property
     def score_loss(self) -> str:
-        return self.loss or ("ce" if self.method == "spt" else "supcon")
+        return self.loss or ("supcon" if self.method == "gps" else "ce")
 
     @property
     def shuffled(self) -> bool:
@@ -195,6 +211,19 @@ class Config:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.validate()
+        self._resolve_selection()
+
+    def _resolve_selection(self) -> None:
+        """The selection a PEFT method implies: spt_lora -> SPT with LoRA, spt_adapter -> SPT with Adapters,
+        gps -> GPS. Unset keys take it; set keys must agree."""
+        sel, name = self.selection, self.method.name
+        implied = dataclasses.replace(sel, method=None, structured=None).resolved(name)
+        if name in ("spt_lora", "spt_adapter", "gps"):
+            _check(sel.method in (None, implied.method), "selection.method", sel.method,
+                   f"method.name {name} needs {implied.method}")
+            _check(sel.structured in (None, implied.structured) or implied.method == "gps", "selection.structured",
+                   sel.structured, f"method.name {name} needs {implied.structured}")
+        self.selection = sel.resolved(name)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

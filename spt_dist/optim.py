@@ -8,16 +8,19 @@ import torch
 from torch import nn
 
 from spt_dist.config import OptimConfig
+from spt_dist.peft.allocated import no_decay_parameters
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay on weight matrices only; never on biases, norms, or the tokens timm names in `no_weight_decay()`."""
+    """Decay on weight matrices only; never on biases, norms, the tokens timm names in `no_weight_decay()`, or
+    sparse entries (deltas are 1-D; a dense-masked tensor is all sparse entries)."""
     skip = set(getattr(model, "no_weight_decay", lambda: ())())
+    masked = no_decay_parameters(model)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+        (no_decay if p.ndim <= 1 or name in skip or id(p) in masked else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

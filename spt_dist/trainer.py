@@ -26,8 +26,14 @@ from spt_dist.errors import UserError
 from spt_dist.metrics import RunLogger, Throughput, peak_memory_gib
 from spt_dist.models import create_model
 from spt_dist.optim import build_scheduler
+from spt_dist.peft.allocated import apply_allocation, read_allocation
+from spt_dist.peft.artifact import load_pretrained, merged_state_dict, save_pretrained
 from spt_dist.peft.baselines import apply_method, format_trainable_parameters, trainable_parameters
 from spt_dist.rundir import prepare_run_dir
+from spt_dist.selection.report import ALLOCATION_JSON
+from spt_dist.selection.stage import run_selection
+
+PEFT_METHODS = ("spt_lora", "spt_adapter", "gps")
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class Trainer:
         # Data first: a missing shard or count is a user error to report before anything heavy is built.
         data = resolve_dataset(cfg.data)
         self.train_shards, self.eval_shards, num_classes = data.train_shards, data.eval_shards, data.num_classes
+        self.num_classes = num_classes
         self.schedule = Schedule.plan(cfg, data.train_samples, dist_info.world_size)
 
         self.run_dir = prepare_run_dir(cfg, dist_info, "train")
@@ -62,7 +69,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = create_model(cfg.model.name, num_classes, checkpoint=cfg.model.checkpoint,
                              img_size=cfg.model.img_size, drop_path_rate=cfg.model.drop_path_rate)
-        self.model = apply_method(model, cfg.method)
+        self.model = self._apply_method(model, data.num_classes)
         self.input_size = tuple(model.patch_embed.img_size)
         self.trainable_report = format_trainable_parameters(self.model)
         self.trainable, self.total_params = trainable_parameters(self.model)
@@ -81,6 +88,24 @@ class Trainer:
         self.engine = build_engine(self.model, spec)
         self.log = RunLogger(os.path.join(self.run_dir, "tb") if dist_info.is_main else None,
                              self.schedule.total_steps, cfg.output.progress)
+
+    def _apply_method(self, model: torch.nn.Module, num_classes: int) -> torch.nn.Module:
+        method = self.cfg.method
+        if method.name not in PEFT_METHODS:
+            return apply_method(model, method)
+        directory = method.allocation or self.run_dir
+        if method.allocation is None and not os.path.isfile(os.path.join(directory, ALLOCATION_JSON)):
+            # Select first, in this job: the score pass builds its own copy of the model from the same seed.
+            run_selection(self.cfg, self.dist, "select")
+            torch.manual_seed(self.cfg.seed)
+            model = create_model(self.cfg.model.name, num_classes, checkpoint=self.cfg.model.checkpoint,
+                                 img_size=self.cfg.model.img_size, drop_path_rate=self.cfg.model.drop_path_rate)
+        record, indices = read_allocation(directory)
+        if record["method"] != self.cfg.selection.method:
+            raise UserError(f"method.allocation: '{directory}' holds a {record['method']} allocation, "
+                            f"method.name {method.name} needs {self.cfg.selection.method}")
+        return apply_allocation(model, record, indices, sparse_update=method.sparse_update,
+                                dropout=method.lora_dropout)
 
     def _say(self, line: str) -> None:
         if self.dist.is_main:
@@ -150,6 +175,7 @@ class Trainer:
                    "images_per_s": step * cfg.data.batch_size * cfg.optim.grad_accum * self.dist.world_size / train_time,
                    "peak_memory_gib": max(all_gather_float(peak_memory_gib(self.dist.device))),
                    "trainable_params": self.trainable, "total_params": self.total_params,
+                   "optimizer_state_bytes": int(all_reduce_sum([float(engine.optimizer_state_bytes())])[0]),
                    "skipped_samples": faults}
         self._save_weights()
         if self.dist.is_main:
@@ -198,11 +224,29 @@ class Trainer:
         dist.barrier()
 
     def _save_weights(self) -> None:
-        """The final weights as one fp32 safetensors file (all parameters, consolidated)."""
-        state = self.engine.full_state_dict()  # collective
-        if self.dist.is_main:
-            write_safetensors(os.path.join(self.run_dir, "model.safetensors"), state,
-                              {"model": self.cfg.model.name, "method": self.cfg.method.name})
+        """The final weights. Baselines: every parameter, consolidated, in one fp32 safetensors file. PEFT
+        methods: the artifact (`peft/`) and, unless Adapters make that impossible, the merged plain timm
+        checkpoint `model.safetensors`, made from the artifact as a user would."""
+        cfg = self.cfg
+        peft = cfg.method.name in PEFT_METHODS
+        state = self.engine.full_state_dict(trainable_only=peft)  # collective; the frozen backbone is known
+        if not self.dist.is_main:
+            return
+        meta = {"model": cfg.model.name, "method": cfg.method.name}
+        if not peft:
+            write_safetensors(os.path.join(self.run_dir, "model.safetensors"), state, meta)
+            return
+        state.update({k: v.detach().cpu() for k, v in self.model.named_buffers()})
+        artifact = os.path.join(self.run_dir, "peft")
+        save_pretrained(artifact, self.model, state, dict(
+            model=cfg.model.name, num_classes=self.num_classes, img_size=cfg.model.img_size,
+            checkpoint=cfg.model.checkpoint, seed=cfg.seed, method=cfg.method.name))
+        if cfg.method.name == "spt_adapter":
+            self._say(f"PEFT artifact: {artifact} (Adapters are not mergeable into plain timm weights)")
+            return
+        merged = merged_state_dict(load_pretrained(artifact))
+        write_safetensors(os.path.join(self.run_dir, "model.safetensors"), merged, meta)
+        self._say(f"PEFT artifact: {artifact}; merged timm checkpoint: {os.path.join(self.run_dir, 'model.safetensors')}")
 
     def _data_faults(self) -> dict[str, int]:
         """Skipped samples per kind, summed over ranks and over train and eval reading."""

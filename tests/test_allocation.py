@@ -100,7 +100,7 @@ def test_spt_cut_is_the_brute_force_optimum(distributed_results):
     for settings in runs:
         key = "spt-" + "-".join(f"{k}={v}" for k, v in settings.items())
         got = distributed_results[key]
-        sel = SelectionConfig(method="spt", **settings)
+        sel = SelectionConfig(method="spt", **settings).resolved()
         want = brute_force_spt(layout, sel)
         record = got["record"]
         assert record["tau"] == want["tau"], key

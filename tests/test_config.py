@@ -43,6 +43,7 @@ def test_resolved_config_round_trips(tmp_path):
     ("optim=3", "optim: expected a section"),
     ("model.checkpoint=/no/such/file.pth", "model.checkpoint: no such file"),
     ("nonsense", "expected key=value"),
+    ("method.allocation=runs/x", "method.allocation: method.name full trains no allocation"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(UserError) as err:
@@ -58,3 +59,15 @@ def test_bad_files(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(str(bad))
+
+
+def test_peft_methods_imply_the_selection():
+    demo = str(REPO / "configs/demo.yaml")
+    assert load_config(demo).selection.method == "spt" and load_config(demo).selection.structured == "lora"
+    sel = load_config(demo, ["method.name=spt_adapter"]).selection
+    assert (sel.method, sel.structured) == ("spt", "adapter")
+    assert load_config(demo, ["method.name=gps"]).selection.method == "gps"
+    with pytest.raises(UserError, match="selection.method: method.name gps needs gps"):
+        load_config(demo, ["method.name=gps", "selection.method=spt"])
+    with pytest.raises(UserError, match="selection.structured: method.name spt_adapter needs adapter"):
+        load_config(demo, ["method.name=spt_adapter", "selection.structured=lora"])

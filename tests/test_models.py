@@ -9,7 +9,8 @@ from spt_dist.config import MethodConfig
 from spt_dist.errors import UserError
 from spt_dist.models import create_model
 from spt_dist.peft.baselines import apply_method, format_trainable_parameters, trainable_parameters
-from spt_dist.peft.lora import LoRALinear, matrix_blocks
+from spt_dist.peft.lora import matrix_blocks
+from spt_dist.peft.tuned import Tuned
 
 TINY = "vit_test_tiny_patch8_32"
 
@@ -58,18 +59,29 @@ def test_bad_checkpoints_are_user_errors(tmp_path):
         create_model(TINY, 10, checkpoint=other)
 
 
-def test_lora_starts_at_base_and_merges_exactly():
+def test_tuned_layer_starts_at_base_and_merges():
     torch.manual_seed(0)
     base = torch.nn.Linear(16, 48)
-    lora = LoRALinear(base, {"q": (0, 16), "v": (32, 48)}, rank=4, scale=1.0)
     x = torch.randn(5, 16)
-    assert torch.equal(lora(x), base(x))  # B is zero-initialised
+    expected = base(x).detach()
+    layer = Tuned(base)
+    layer.add_lora("q", (0, 16), rank=4)
+    layer.add_adapter("v", (32, 48), rank=2)
+    layer.add_sparse("weight", torch.tensor([3, 200, 700]))
+    layer.add_sparse("bias", torch.tensor([20]))
+    assert torch.equal(layer(x), expected)  # B, the adapter's up and the deltas start at zero
     with torch.no_grad():
-        for b in lora.lora_B.values():
-            b.normal_()
-    merged = torch.nn.functional.linear(x, lora.merged_weight(), base.bias)
-    torch.testing.assert_close(lora(x), merged, rtol=1e-5, atol=1e-5)
-    assert torch.equal(lora(x)[:, 16:32], base(x)[:, 16:32])  # the k block has no LoRA
+        for name, p in layer.named_parameters():
+            if name.startswith(("lora_B", "weight_delta", "bias_delta")):
+                p.normal_()
+    assert torch.equal(layer(x)[:, 16:20], expected[:, 16:20])  # rows with no module and no delta
+    assert torch.equal(layer.effective("weight").reshape(-1)[[0, 1, 2, 4]], base.weight.reshape(-1)[[0, 1, 2, 4]])
+    with pytest.raises(ValueError, match="adapters"):
+        layer.merged()
+    del layer.adapters["v"]  # without the adapter, the merged layer computes the same
+    merged = layer.merged()
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, merged["weight"], merged["bias"]),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_matrix_blocks_split_fused_qkv():
@@ -87,8 +99,8 @@ def test_methods_choose_what_trains():
     assert {n for n, p in linear.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
     lora = apply_method(create_model(TINY, 10), MethodConfig(name="lora", lora_rank=4, lora_targets=["q", "v", "fc2"]))
     names = {n for n, p in lora.named_parameters() if p.requires_grad}
-    assert "blocks.0.attn.qkv.lora_A.q" in names and "blocks.0.attn.qkv.lora_B.v" in names
-    assert "blocks.0.mlp.fc2.lora_A.fc2" in names and not any(".k" in n for n in names)
+    assert "blocks.0.attn.qkv.lora_A_q" in names and "blocks.0.attn.qkv.lora_B_v" in names
+    assert "blocks.0.mlp.fc2.lora_A_fc2" in names and not any("_k" in n for n in names)
     # 2 blocks x (q, v: A 4x64 + B 64x4; fc2: A 4x128 + B 64x4) + head 64x10+10
     assert trainable_parameters(lora)[0] == 2 * (2 * (256 + 256) + 512 + 256) + 650
     assert format_trainable_parameters(lora).startswith("trainable params: 4,234 || all params: ")

@@ -55,8 +55,23 @@ class Engine(ABC):
     def lr(self) -> float: ...
 
     @abstractmethod
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every parameter as a full fp32 CPU tensor, on every rank. Collective: all ranks must call it."""
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer that holds the state (inside ZeRO's wrapper: the client one, on flat partitions)."""
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of optimizer state on this rank (Adam: exp_avg, exp_avg_sq, step), local shards only."""
+        total = 0
+        for state in self.optimizer().state.values():
+            for value in state.values():
+                if torch.is_tensor(value):
+                    local = value.to_local() if hasattr(value, "to_local") else value
+                    total += local.numel() * local.element_size()
+        return total
+
+    @abstractmethod
+    def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """Every parameter (or every trainable one) as a full fp32 CPU tensor, on every rank. Collective: all
+        ranks must call it."""
 
     @abstractmethod
     def save_checkpoint(self, directory: str) -> None:

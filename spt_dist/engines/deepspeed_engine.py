@@ -83,9 +83,15 @@ class DeepSpeedEngine(Engine):
     def lr(self) -> float:
         return self._scheduler.get_last_lr()[0]
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def optimizer(self) -> torch.optim.Optimizer:
+        wrapper = self._engine.optimizer
+        return getattr(wrapper, "optimizer", wrapper)  # ZeRO 1-3 wrap the client optimizer
+
+    def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
         out = {}
         for name, param in self._engine.module.named_parameters():
+            if trainable_only and not param.requires_grad:
+                continue
             full = safe_get_full_fp32_param(param) if param.requires_grad else None  # collective at stage 3
             if full is None and hasattr(param, "ds_id"):  # a frozen stage-3 parameter: gather its shards
                 with deepspeed.zero.GatheredParameters([param]):

@@ -72,9 +72,14 @@ class FSDPEngine(Engine):
     def lr(self) -> float:
         return self._scheduler.get_last_lr()[0]
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._optimizer
+
+    def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
         out = {}
         for name, param in self.module.named_parameters():
+            if trainable_only and not param.requires_grad:
+                continue
             full = param.full_tensor() if isinstance(param, DTensor) else param  # collective all-gather
             out[name] = full.detach().float().cpu().clone()
         return out

@@ -9,7 +9,8 @@ from __future__ import annotations
 from torch import nn
 
 from spt_dist.config import MethodConfig
-from spt_dist.peft.lora import inject_lora, matrix_blocks
+from spt_dist.peft.lora import matrix_blocks
+from spt_dist.peft.tuned import tune
 
 
 def apply_method(model: nn.Module, cfg: MethodConfig) -> nn.Module:
@@ -18,14 +19,12 @@ def apply_method(model: nn.Module, cfg: MethodConfig) -> nn.Module:
         return model
     model.requires_grad_(False)
     if cfg.name == "lora":
-        targets: dict[str, dict[str, tuple[int, int]]] = {}
-        for matrix, (path, kind, rows) in matrix_blocks(model).items():
-            if kind in cfg.lora_targets:
-                targets.setdefault(path, {})[kind] = rows
         alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank
-        for lora in inject_lora(model, targets, cfg.lora_rank, alpha / cfg.lora_rank, cfg.lora_dropout):
-            lora.lora_A.requires_grad_(True)
-            lora.lora_B.requires_grad_(True)
+        for path, kind, rows in matrix_blocks(model).values():
+            if kind in cfg.lora_targets:
+                layer = tune(model, path)  # LoRA parameters are created trainable
+                layer.add_lora(kind, rows, cfg.lora_rank, alpha / cfg.lora_rank)
+                layer.set_dropout(cfg.lora_dropout)
     model.get_classifier().requires_grad_(True)  # every method trains the new head
     return model
 

@@ -48,6 +48,7 @@ def _gather_indices(local: dict[str, list[torch.Tensor]], layout: Layout) -> dic
 
 
 def allocate_spt(scores: LocalScores, layout: Layout, sel: SelectionConfig) -> Allocation:
+    sel = sel.resolved()
     costs = UnitCosts(layout, sel.structured, sel.module_rank, sel.alpha, sel.beta)
     target = target_cost(sel.budget, layout)
     search = ThresholdSearch(split_into_segments(scores, layout), layout, costs)
@@ -124,4 +125,4 @@ def allocate_gps(scores: LocalScores, layout: Layout, sel: SelectionConfig) -> A
 
 
 def allocate(scores: LocalScores, layout: Layout, sel: SelectionConfig) -> Allocation:
-    return allocate_spt(scores, layout, sel) if sel.method == "spt" else allocate_gps(scores, layout, sel)
+    return allocate_gps(scores, layout, sel) if sel.method == "gps" else allocate_spt(scores, layout, sel)
