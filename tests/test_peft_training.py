@@ -95,6 +95,10 @@ def test_sparse_training_equals_plain_pytorch_exactly(method, engine, world, all
 
     if method == "spt_adapter":
         assert not (tmp_path / name / "model.safetensors").exists()  # Adapters cannot be merged
+        merge = run_job(["-m", "spt_dist.peft.artifact", "merge", str(tmp_path / name / "peft"), "--out",
+                         str(tmp_path / "merged.safetensors")], launcher="python", timeout=120)
+        assert merge.returncode == 2 and merge.stderr.startswith("spt_dist: error: merge: ")
+        assert len(merge.stderr.strip().splitlines()) == 1 and not (tmp_path / "merged.safetensors").exists()
         return
     # In the merged checkpoint every unselected entry of a tensor with sparse entries is its base value, bit for bit.
     merged = load_file(str(tmp_path / name / "model.safetensors"))
@@ -106,6 +110,11 @@ def test_sparse_training_equals_plain_pytorch_exactly(method, engine, world, all
                 key = f"{path}.{param}"
                 assert torch.equal(merged[key].reshape(-1)[unselected], initial[key].reshape(-1)[unselected]), key
                 assert not torch.equal(merged[key], initial[key]), key
+    # The command-line merge of the artifact writes the same checkpoint as the run.
+    check(run_job(["-m", "spt_dist.peft.artifact", "merge", str(tmp_path / name / "peft"), "--out",
+                   str(tmp_path / "cli.safetensors")], launcher="python", timeout=120))
+    cli = load_file(str(tmp_path / "cli.safetensors"))
+    assert cli.keys() == merged.keys() and all(torch.equal(cli[k], merged[k]) for k in cli)
     # The merged checkpoint in plain timm gives the PEFT model's logits. Tolerance: folding B·A into W rounds.
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     plain = timm.create_model(cfg.model.name, pretrained=False, num_classes=dataset_classes(cfg),
@@ -115,11 +124,11 @@ def test_sparse_training_equals_plain_pytorch_exactly(method, engine, world, all
         torch.testing.assert_close(plain(images), peft(images), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["spt_lora", "gps"])
-def test_delta_training_matches_the_dense_masked_reference(method, allocations, synthetic_shards, tmp_path):
+@pytest.mark.parametrize("method,world", [("spt_lora", 1), ("spt_lora", 2), ("gps", 2)])
+def test_delta_training_matches_the_dense_masked_reference(method, world, allocations, synthetic_shards, tmp_path):
     cfg = config(method, synthetic_shards, tmp_path, "ref")
-    sparse, initial = reference_model(cfg, allocations / method, 2, "delta")
-    dense, dense_initial = reference_model(cfg, allocations / method, 2, "dense_masked")
+    sparse, initial = reference_model(cfg, allocations / method, world, "delta")
+    dense, _ = reference_model(cfg, allocations / method, world, "dense_masked")
     checked = 0
     for path, module in sparse.named_modules():
         if not isinstance(module, Tuned):
