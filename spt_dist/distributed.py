@@ -66,13 +66,28 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def all_reduce_(t: torch.Tensor) -> torch.Tensor:
+    """Sums a CPU tensor over ranks in place and returns it (NCCL takes CUDA tensors only: a round trip there)."""
+    if dist.get_backend() == "nccl":
+        on_device = t.cuda()
+        dist.all_reduce(on_device)
+        t.copy_(on_device.cpu())
+    else:
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather_tensor(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's CPU tensor of the same shape, in rank order (on CPU)."""
+    on = t.cuda() if dist.get_backend() == "nccl" else t
+    out = [torch.empty_like(on) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, on)
+    return [x.cpu() for x in out]
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sums a few numbers over ranks (in float64, so counts stay exact)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return t.cpu().tolist()
+    return all_reduce_(torch.tensor(values, dtype=torch.float64)).tolist()
 
 
 def all_gather_float(value: float) -> list[float]:

@@ -66,10 +66,14 @@ class Trainer:
 
         self.run_dir = prepare_run_dir(cfg, dist_info, "train")
 
+        if cfg.method.name in PEFT_METHODS and cfg.method.allocation is None \
+                and not os.path.isfile(os.path.join(self.run_dir, ALLOCATION_JSON)):
+            # Select first, in this job and run directory; the score pass builds its own model from the same seed.
+            run_selection(cfg, dist_info, "select", run_dir=self.run_dir, data=data)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = create_model(cfg.model.name, num_classes, checkpoint=cfg.model.checkpoint,
                              img_size=cfg.model.img_size, drop_path_rate=cfg.model.drop_path_rate)
-        self.model = self._apply_method(model, data.num_classes)
+        self.model = self._apply_method(model)
         self.input_size = tuple(model.patch_embed.img_size)
         self.trainable_report = format_trainable_parameters(self.model)
         self.trainable, self.total_params = trainable_parameters(self.model)
@@ -89,17 +93,11 @@ class Trainer:
         self.log = RunLogger(os.path.join(self.run_dir, "tb") if dist_info.is_main else None,
                              self.schedule.total_steps, cfg.output.progress)
 
-    def _apply_method(self, model: torch.nn.Module, num_classes: int) -> torch.nn.Module:
+    def _apply_method(self, model: torch.nn.Module) -> torch.nn.Module:
         method = self.cfg.method
         if method.name not in PEFT_METHODS:
             return apply_method(model, method)
         directory = method.allocation or self.run_dir
-        if method.allocation is None and not os.path.isfile(os.path.join(directory, ALLOCATION_JSON)):
-            # Select first, in this job: the score pass builds its own copy of the model from the same seed.
-            run_selection(self.cfg, self.dist, "select")
-            torch.manual_seed(self.cfg.seed)
-            model = create_model(self.cfg.model.name, num_classes, checkpoint=self.cfg.model.checkpoint,
-                                 img_size=self.cfg.model.img_size, drop_path_rate=self.cfg.model.drop_path_rate)
         record, indices = read_allocation(directory)
         if record["method"] != self.cfg.selection.method:
             raise UserError(f"method.allocation: '{directory}' holds a {record['method']} allocation, "

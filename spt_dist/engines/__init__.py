@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 from spt_dist.engines.base import Engine, EngineSpec
+from spt_dist.optim import build_optimizer
 
 # Every engine setting by short name, as config overrides: what the tests and benchmarks sweep over.
 VARIANTS: dict[str, list[str]] = {
@@ -17,6 +20,8 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def build_engine(model: nn.Module, spec: EngineSpec) -> Engine:
+    if spec.optimizer is None:  # the default: AdamW per `optim`
+        spec = dataclasses.replace(spec, optimizer=lambda m: build_optimizer(m, spec.optim))
     if spec.engine.kind == "deepspeed":
         from spt_dist.engines.deepspeed_engine import DeepSpeedEngine
         return DeepSpeedEngine(model, spec)

@@ -13,7 +13,6 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_grad
 from torch import nn
 
 from spt_dist.engines.base import Engine, EngineSpec
-from spt_dist.optim import build_optimizer
 
 _CHECKPOINT_TAG = "engine"
 
@@ -36,7 +35,7 @@ class DeepSpeedEngine(Engine):
         }
         # The model is built normally (not under zero.Init, which would discard timm's init); initialize()
         # moves it to the device and, at stage 3, partitions it.
-        optimizer = spec.optimizer(model) if spec.optimizer else build_optimizer(model, spec.optim)
+        optimizer = spec.optimizer(model)
         self._engine, _, _, self._scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=spec.scheduler,
             config=config)

@@ -15,7 +15,6 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from spt_dist.engines.base import Engine, EngineSpec
-from spt_dist.optim import build_optimizer
 
 
 class FSDPEngine(Engine):
@@ -31,7 +30,7 @@ class FSDPEngine(Engine):
         fully_shard(model, mesh=mesh, mp_policy=policy)
         self.module = model
         self.input_dtype = torch.float32  # FSDP2 casts forward inputs to param_dtype itself
-        self._optimizer = spec.optimizer(model) if spec.optimizer else build_optimizer(model, spec.optim)
+        self._optimizer = spec.optimizer(model)
         self._scheduler = spec.scheduler(self._optimizer)
         self._accum = spec.optim.grad_accum
         self._clip = spec.optim.grad_clip

@@ -8,13 +8,13 @@ stores it, so a fresh timm model can be given the same trainable structure again
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from spt_dist.data.shards import read_json
 from spt_dist.errors import UserError
 from spt_dist.peft.tuned import Tuned, tune
 from spt_dist.selection.report import ALLOCATION_JSON, ALLOCATION_INDICES
@@ -27,9 +27,7 @@ def read_allocation(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
     for path in (record_path, indices_path):
         if not os.path.isfile(path):
             raise UserError(f"method.allocation: '{path}' does not exist; run `--stage select` first")
-    with open(record_path) as f:
-        record = json.load(f)
-    return record, load_file(indices_path)
+    return read_json(record_path), load_file(indices_path)
 
 
 def _tune(model: nn.Module, tensor: str) -> tuple[Tuned, str]:

@@ -15,7 +15,6 @@ initialised model the same seed. Merge on the command line:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -24,6 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from spt_dist.atomic import write_json, write_safetensors
+from spt_dist.data.shards import read_json
 from spt_dist.errors import UserError
 from spt_dist.peft.allocated import apply_description, describe, trainable_state
 from spt_dist.peft.tuned import Tuned
@@ -45,8 +45,7 @@ def read_pretrained(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
     config_path, weights_path = os.path.join(directory, CONFIG_FILE), os.path.join(directory, WEIGHTS_FILE)
     if not os.path.isfile(config_path) or not os.path.isfile(weights_path):
         raise UserError(f"'{directory}' is not a PEFT artifact (it needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    with open(config_path) as f:
-        return json.load(f), load_file(weights_path)
+    return read_json(config_path), load_file(weights_path)
 
 
 def load_pretrained(directory: str, model: nn.Module | None = None) -> nn.Module:
@@ -90,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     try:
-        config, _ = read_pretrained(args.artifact)
         state = merged_state_dict(load_pretrained(args.artifact))
+        config = read_json(os.path.join(args.artifact, CONFIG_FILE))  # small; the weights were read once
         write_safetensors(args.out, {k: v.contiguous() for k, v in state.items()},
                           {"model": config["model"], "num_classes": str(config["num_classes"])})
     except UserError as e:

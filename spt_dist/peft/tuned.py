@@ -170,25 +170,23 @@ class Tuned(nn.Module):
             if self.kind == "conv2d":
                 return F.conv2d(x, weight, bias, **self.conv)
             y = F.linear(x, weight, bias)
-        if not self.lora and not self.adapters:
-            return y
-        h = self.dropout(x) if self.lora else None
-        pieces, edges = [], sorted({0, y.shape[-1], *(r for rows in (*self.lora.values(), *self.adapters.values())
-                                                       for r in rows)})
-        for start, stop in zip(edges, edges[1:]):
-            piece = y[..., start:stop]
+        if self.lora:
+            h = self.dropout(x)
             for block, (r0, r1) in self.lora.items():
-                if (r0, r1) == (start, stop):
-                    a, b = getattr(self, f"lora_A_{block}"), getattr(self, f"lora_B_{block}")
-                    piece = piece + self.lora_scale * F.linear(F.linear(h, a), b)
-            for block, (r0, r1) in self.adapters.items():
-                if (r0, r1) == (start, stop):
-                    down = F.linear(self.dropout(piece), getattr(self, f"adapter_down_{block}"),
-                                    getattr(self, f"adapter_down_bias_{block}"))
-                    piece = piece + F.linear(F.gelu(down), getattr(self, f"adapter_up_{block}"),
-                                             getattr(self, f"adapter_up_bias_{block}"))
-            pieces.append(piece)
-        return torch.cat(pieces, dim=-1)
+                # In place on the layer's output: no backward here needs that output.
+                a, b = getattr(self, f"lora_A_{block}"), getattr(self, f"lora_B_{block}")
+                y[..., r0:r1] += self.lora_scale * F.linear(F.linear(h, a), b)
+        if self.adapters:  # sequential on row blocks: the block's output is the adapter's input, so rebuild y
+            pieces, start = [], 0
+            for block, (r0, r1) in sorted(self.adapters.items(), key=lambda item: item[1]):
+                piece = y[..., r0:r1]
+                down = F.linear(self.dropout(piece), getattr(self, f"adapter_down_{block}"),
+                                getattr(self, f"adapter_down_bias_{block}"))
+                up = F.linear(F.gelu(down), getattr(self, f"adapter_up_{block}"), getattr(self, f"adapter_up_bias_{block}"))
+                pieces += [y[..., start:r0], piece + up]
+                start = r1
+            y = torch.cat([*pieces, y[..., start:]], dim=-1)
+        return y
 
     # ------------------------------------------------------------------------------------------ merging
 

@@ -168,7 +168,6 @@ class UnitCosts:
         factor = [alpha if k == "matrix" else beta if k == "vector" else 0.0 for k in kinds]
         self.factor = torch.tensor(factor, dtype=torch.float64)
         self.base = layout.cls_token_params
-        self.structured = structured
 
     def switched(self, picks: torch.Tensor) -> torch.Tensor:
         """Which units take their full/structured cost at these pick counts ([..., units] int64)."""

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from spt_dist.atomic import write_json, write_safetensors
+from spt_dist.distributed import all_reduce_
 from spt_dist.data.shards import read_json
 from spt_dist.errors import UserError
 from spt_dist.selection.layout import Layout
@@ -71,7 +72,7 @@ def check_coverage(scores: LocalScores, layout: Layout) -> None:
         if c.tensor not in index:
             raise UserError(f"scores: '{c.tensor}' is not a scored tensor of this model and selection.method")
         counts[index[c.tensor]] += c.values.numel()
-    dist.all_reduce(counts)
+    all_reduce_(counts)
     for t, n in zip(layout.tensors, counts.tolist()):
         if n != t.numel:
             raise UserError(f"scores: {n} scores for '{t.name}' ({t.numel} entries): the score files do not "

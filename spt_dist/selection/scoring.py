@@ -50,7 +50,7 @@ class ScorePass:
     info: dict  # what was scored and how; saved as scores/scores.json
 
 
-def calibration_batches(cfg: Config, data: Dataset, world: int) -> int:
+def calibration_batches(cfg: Config, data: Dataset) -> int:
     sel = cfg.selection
     if sel.batches is not None:
         return sel.batches
@@ -131,7 +131,7 @@ def prepare_score_pass(cfg: Config, data: Dataset, dist_info: DistInfo) -> Score
 
     views = 2 if contrastive else 1
     transform = build_contrastive_transform(model) if sel.augmented else build_transforms(model, cfg.data)[1]
-    batches = calibration_batches(cfg, data, world)
+    batches = calibration_batches(cfg, data)
     stream = CalibrationBatches(
         data.train_shards, rank=rank, world=world, batch_size=sel.batch_size, micro_batch_size=micro,
         batches=batches, transform=transform, views=views, augment_seed=cfg.seed if sel.augmented else None,

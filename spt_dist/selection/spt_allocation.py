@@ -22,8 +22,8 @@ import bisect
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
+from spt_dist.distributed import all_gather_tensor, all_reduce_
 from spt_dist.errors import UserError
 from spt_dist.selection.layout import Layout, UnitCosts
 from spt_dist.selection.scores import LocalScores
@@ -34,7 +34,6 @@ _SUB_BITS = 10  # levels 2 and 3 split the remaining 20 key bits
 _SUB_MASK = (1 << _SUB_BITS) - 1
 _CHUNK = 1 << 18  # entries per vectorised step: temporaries stay in cache
 _INF_KEY = 0x7F800000  # bit pattern of +inf; anything above is NaN
-_NOTHING = (torch.iinfo(torch.int32).max, -1)  # a cut that selects nothing
 
 
 @dataclass
@@ -76,11 +75,6 @@ def split_into_segments(scores: LocalScores, layout: Layout) -> list[Segment]:
     return segments
 
 
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(t)
-    return t
-
-
 _EIGHT = torch.arange(8)
 
 
@@ -105,24 +99,29 @@ def _taking_bins_from(hist: torch.Tensor) -> torch.Tensor:
 
 class ThresholdSearch:
     def __init__(self, segments: list[Segment], layout: Layout, costs: UnitCosts) -> None:
-        self.segments, self.layout, self.costs = segments, layout, costs
+        self.segments, self.costs = segments, costs
         self.units = len(layout.units)
         self.total_entries = layout.scored_params
         hist = torch.zeros(self.units, _BINS, dtype=torch.int64)
         # Each chunk's own histogram (2048 counts): the later passes skip chunks with nothing in the bins they
         # look for (scores span orders of magnitude across layers, so many chunks hold nothing near the cut).
         self._chunk_hists: list[torch.Tensor] = []
+        invalid = torch.zeros(self.units, 1, dtype=torch.int64)  # per unit: chunks with NaN or negative scores
         for seg in segments:
             for i in range(0, seg.keys.numel(), _CHUNK):
                 part = seg.keys[i : i + _CHUNK]
                 lo, hi = torch.aminmax(part)
                 if lo < 0 or hi > _INF_KEY:
-                    name = layout.units[seg.unit].name
-                    raise UserError(f"scores of '{name}' hold NaN or negative values; the score pass diverged "
-                                    "(check the data and the model checkpoint)")
+                    invalid[seg.unit] += 1
+                    part = part.clamp(0, _INF_KEY)  # keeps bincount valid; the run stops below, on every rank
                 self._chunk_hists.append(torch.bincount(part >> _SHIFT, minlength=_BINS))
                 hist[seg.unit] += self._chunk_hists[-1]
-        _all_reduce(hist)
+        hist = all_reduce_(torch.cat([hist, invalid], 1))  # one collective: every rank sees any bad unit
+        hist, invalid = hist[:, :_BINS], hist[:, _BINS]
+        if invalid.any():
+            name = layout.units[int(torch.nonzero(invalid)[0])].name
+            raise UserError(f"scores of '{name}' hold NaN or negative values; the score pass diverged "
+                            "(check the data and the model checkpoint)")
         self.at_edge = _taking_bins_from(hist)
         self.edge_cost = costs.total(self.at_edge.T)  # [_BINS + 1], non-increasing
         self._candidates: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -141,10 +140,6 @@ class ThresholdSearch:
     def everything(self) -> Cut:
         picks = self.at_edge[:, 0].clone()
         return Cut(-1, -1, picks, int(self.costs.total(picks)))
-
-    def nothing(self) -> Cut:
-        picks = torch.zeros(self.units, dtype=torch.int64)
-        return Cut(*_NOTHING, picks, int(self.costs.total(picks)))
 
     def _bin_candidates(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's entries in level-1 bin b as (key, global index, unit), int64, in index order.
@@ -177,7 +172,7 @@ class ThresholdSearch:
     def _unit_histogram(self, unit: torch.Tensor, bins: torch.Tensor, width: int) -> torch.Tensor:
         """[units, width] global counts of (unit, bin) pairs (collective)."""
         flat = torch.bincount(unit * width + bins, minlength=self.units * width)
-        return _all_reduce(flat.view(self.units, width))
+        return all_reduce_(flat.view(self.units, width))
 
     def _boundary(self, hist: torch.Tensor, base: torch.Tensor, limit: int) -> tuple[int, torch.Tensor]:
         """The bin s where the prefix crosses `limit`: taking `base` plus every bin above s costs <= limit,
@@ -202,13 +197,12 @@ class ThresholdSearch:
                                      base, limit)
             keep = ((keys >> shift) & _SUB_MASK) == s
             keys, index, unit, key = keys[keep], index[keep], unit[keep], (key << _SUB_BITS) | s
-        # Entries with a key above `key` fit (base); all of those tied at it do not: order ties by index.
-        order = torch.argsort(index)
-        index, unit = index[order], unit[order]
+        # Entries with a key above `key` fit (base); all of those tied at it do not. The candidates are in
+        # global index order (so are the segments), hence so are the ties.
 
         def tied_picks(last: int) -> torch.Tensor:  # base + tied entries with global index <= last
             taken = int(torch.searchsorted(index, last, side="right"))
-            return base + _all_reduce(torch.bincount(unit[:taken], minlength=self.units))
+            return base + all_reduce_(torch.bincount(unit[:taken], minlength=self.units))
 
         lo, hi = -1, self.total_entries  # "index <= lo" fits, "index <= hi" does not
         while hi - lo > 1:
@@ -230,9 +224,7 @@ class ThresholdSearch:
             top = keys[after].max()
             first = index[after & (keys == top)].min()
             best = torch.tensor([int(top), -int(first), int(unit[index == first][0])])
-        everyone = [torch.empty_like(best) for _ in range(dist.get_world_size())]
-        dist.all_gather(everyone, best)
-        return int(max(everyone, key=lambda t: (int(t[0]), int(t[1])))[2])
+        return int(max(all_gather_tensor(best), key=lambda t: (int(t[0]), int(t[1])))[2])
 
     def closest_to(self, target: int) -> Cut:
         """The cut whose cost is closest to target; ties go to the larger τ (SPEC 2)."""
@@ -256,8 +248,6 @@ class ThresholdSearch:
         if cut.key < 0:  # everything
             return [(seg.unit, torch.arange(seg.gstart, seg.gstart + seg.keys.numel()))
                     for seg in self.segments if seg.unit in units]
-        if cut.key > _INF_KEY:  # nothing
-            return []
         b = cut.key >> _SHIFT
         keys, index, unit = self._candidates[b]
         maybe_sparse, above = self._above[b]

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from spt_dist.atomic import write_json
 from spt_dist.config import Config
-from spt_dist.data.dataset import resolve_dataset
+from spt_dist.data.dataset import Dataset, resolve_dataset
 from spt_dist.distributed import DistInfo
 from spt_dist.errors import UserError
 from spt_dist.metrics import RunLogger
@@ -25,10 +25,13 @@ from spt_dist.selection.scoring import run_score_pass
 STAGES = ("score", "allocate", "select")
 
 
-def run_selection(cfg: Config, dist_info: DistInfo, stage: str) -> dict:
+def run_selection(cfg: Config, dist_info: DistInfo, stage: str, run_dir: str | None = None,
+                  data: Dataset | None = None) -> dict:
+    """`run_dir` and `data`: those of a training run that selects first; otherwise prepared here."""
     sel = cfg.selection
-    data = resolve_dataset(cfg.data) if stage != "allocate" else None
-    run_dir = prepare_run_dir(cfg, dist_info, stage)
+    if data is None and stage != "allocate":
+        data = resolve_dataset(cfg.data)
+    run_dir = run_dir or prepare_run_dir(cfg, dist_info, stage)
     log = RunLogger(os.path.join(run_dir, "tb") if dist_info.is_main else None, 0, False)
     say = log.write
     say(f"run directory: {run_dir}")
