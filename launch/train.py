@@ -10,7 +10,7 @@ import sys
 
 from spt_dist.config import load_config
 from spt_dist.distributed import init_distributed, shutdown_distributed
-from spt_dist.errors import UserError
+from spt_dist.errors import Stopped, UserError
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -20,6 +20,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="train (default); score: the score pass alone (scores saved in the run directory); "
                              "allocate: the allocation from saved scores (e.g. with another selection.budget); "
                              "select: score then allocate")
+    parser.add_argument("--resume", metavar="latest|PATH",
+                        help="continue a run: `latest` (output.dir/output.name's newest checkpoint, or a first start "
+                             "if there is none: safe for requeued jobs), a run directory or a checkpoint directory")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
     return parser.parse_args(argv)
@@ -34,11 +37,16 @@ def main(argv: list[str] | None = None) -> int:
         # Heavy imports (deepspeed, timm) only once the config is sound.
         if args.stage == "train":
             from spt_dist.trainer import Trainer
-            Trainer(cfg, dist_info).fit()
+            Trainer(cfg, dist_info, resume=args.resume).fit()
         else:
             from spt_dist.selection.stage import run_selection
-            run_selection(cfg, dist_info, args.stage)
+            run_selection(cfg, dist_info, args.stage, resume=args.resume)
         shutdown_distributed()
+    except Stopped as e:  # preempted: saved, and every rank stopped at the same point
+        shutdown_distributed()
+        if rank == 0:
+            print(f"spt_dist: {e}", flush=True)
+        return 0
     except UserError as e:
         shutdown_distributed(wait=False)
         if rank == 0:  # every rank hits the same mistake; say it once

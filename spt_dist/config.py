@@ -105,6 +105,8 @@ class SelectionConfig:
     beta: float = 5.0  # a vector is tuned fully when picks >= length / beta
     # GPS allocation: the top-k inputs of every output row of every eligible weight.
     k: int = 1
+    # Score pass: save the partial scores every so many calibration batches (resumable with --resume); 0: off.
+    checkpoint_every: int = 0
 
     def resolved(self, method_name: str = "") -> "SelectionConfig":
         """This selection with unset `method` / `structured` as `method.name` implies (gps -> GPS, spt_adapter
@@ -138,6 +140,7 @@ class SelectionConfig:
         _check(self.alpha > 0, "selection.alpha", self.alpha, "must be > 0")
         _check(self.beta > 0, "selection.beta", self.beta, "must be > 0")
         _check(self.k > 0, "selection.k", self.k, "must be > 0")
+        _check(self.checkpoint_every >= 0, "selection.checkpoint_every", self.checkpoint_every, "must be >= 0")
 
 
 @dataclass
@@ -153,6 +156,9 @@ class OptimConfig:
     min_lr: float = 1e-5
     grad_accum: int = 1
     grad_clip: float = 0.0  # 0: off. Set explicitly: DeepSpeed's own default would silently clip at 1.0.
+    # A non-finite loss on any rank: stop (every rank, before that step's update, nothing saved) or skip (that
+    # optimizer step is not taken; the schedule goes on; 10 skipped steps in a row stop the run).
+    nonfinite: Literal["stop", "skip"] = "stop"
 
     def validate(self) -> None:
         _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
@@ -186,13 +192,19 @@ class OutputConfig:
     name: str | None = None  # None: <model>-<method>-<timestamp>
     log_every: int = 10  # optimizer steps between TensorBoard/progress updates
     eval_every: int = 1  # epochs between evaluations (and always after the last)
-    checkpoint_every: int = 0  # optimizer steps between engine checkpoints; 0: only at the end
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: only at the end (and on preemption)
+    checkpoint_every_min: float = 0.0  # also every so many minutes; 0: off
+    keep_last: int = 3  # complete checkpoints kept (older ones removed after a newer is complete); 0: all
+    log_samples: bool = False  # write each step's sample keys per rank to samples/rank_RRRRR.txt (data audits)
     progress: bool = True
 
     def validate(self) -> None:
         _check(self.log_every > 0, "output.log_every", self.log_every, "must be > 0")
         _check(self.eval_every > 0, "output.eval_every", self.eval_every, "must be > 0")
         _check(self.checkpoint_every >= 0, "output.checkpoint_every", self.checkpoint_every, "must be >= 0")
+        _check(self.checkpoint_every_min >= 0, "output.checkpoint_every_min", self.checkpoint_every_min,
+               "must be >= 0")
+        _check(self.keep_last >= 0, "output.keep_last", self.keep_last, "must be >= 0")
 
 
 @dataclass

@@ -7,3 +7,8 @@ because the user's fix is in their input, not in our code.
 
 class UserError(Exception):
     """A mistake in the user's input. The message names the offending key, file or value."""
+
+
+class Stopped(Exception):
+    """A clean stop before the end, every rank together (preemption): state is saved; the message says how
+    to continue."""

@@ -35,15 +35,18 @@ class Throughput:
 class RunLogger:
     """TensorBoard writer and tqdm bar, both live on rank 0 only; other ranks get no-ops."""
 
-    def __init__(self, tb_dir: str | None, total_steps: int, show_progress: bool) -> None:
+    def __init__(self, tb_dir: str | None, total_steps: int, show_progress: bool, purge_step: int | None = None,
+                 initial_step: int = 0) -> None:
+        """`purge_step`: a resumed run's first step; TensorBoard hides what an interrupted run logged from there."""
         self._writer = None
         self._bar = None
         if tb_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
-            self._writer = SummaryWriter(tb_dir)
+            self._writer = SummaryWriter(tb_dir, purge_step=purge_step)
             if show_progress:
                 from tqdm import tqdm
-                self._bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+                self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
+                                 dynamic_ncols=True)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self._writer is not None:

@@ -25,10 +25,23 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW that can leave out one step (`optim.nonfinite=skip`): the engine calls step() as always,
+    so its own bookkeeping (accumulation, zeroing) goes on, but the parameters and the state do not move."""
+
+    skip_next_step = False
+
+    def step(self, closure=None):
+        if self.skip_next_step:
+            self.skip_next_step = False
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> AdamW:
     # foreach=False: the single-tensor kernel is elementwise, so the same update results whether the
     # optimizer sees whole tensors (one process, FSDP shards) or ZeRO's flat partitions.
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+    return AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                              eps=cfg.eps, foreach=False)
 
 

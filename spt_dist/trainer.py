@@ -15,22 +15,24 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from spt_dist.atomic import write_json, write_safetensors
+from spt_dist.atomic import write_json, write_safetensors, write_text
+from spt_dist.checkpoint import Checkpoint, restore_rng, save_checkpoint
 from spt_dist.config import Config
 from spt_dist.data.dataset import resolve_dataset
-from spt_dist.data.loader import FAULT_KINDS, EvalStream, TrainStream
+from spt_dist.data.loader import FAULT_KINDS, EvalStream, TrainStream, require_shards
 from spt_dist.data.transforms import build_transforms
 from spt_dist.distributed import DistInfo, all_gather_float, all_reduce_sum
 from spt_dist.engines import EngineSpec, build_engine
-from spt_dist.errors import UserError
+from spt_dist.errors import Stopped, UserError
 from spt_dist.metrics import RunLogger, Throughput, peak_memory_gib
 from spt_dist.models import create_model
 from spt_dist.optim import build_scheduler
 from spt_dist.peft.allocated import apply_allocation, read_allocation
 from spt_dist.peft.artifact import load_pretrained, merged_state_dict, save_pretrained
 from spt_dist.peft.baselines import apply_method, format_trainable_parameters, trainable_parameters
-from spt_dist.rundir import prepare_run_dir
-from spt_dist.selection.report import ALLOCATION_JSON
+from spt_dist.preemption import Preemption, resume_hint
+from spt_dist.rundir import open_run
+from spt_dist.selection.report import ALLOCATION_INDICES, ALLOCATION_JSON
 from spt_dist.selection.stage import run_selection
 
 PEFT_METHODS = ("spt_lora", "spt_adapter", "gps")
@@ -55,34 +57,62 @@ class Schedule:
         return cls(steps_per_epoch, total, warmup, math.ceil(total / steps_per_epoch))
 
 
+# Keys a resumed run must share with its checkpoint: they decide the frozen weights and what the trainable
+# tensors mean (shapes are checked separately). Everything else may change, e.g. engine, world size, max_steps.
+_SAME_ON_RESUME = ("seed", "model.name", "model.checkpoint", "model.img_size", "method.name", "method.sparse_update",
+                   "method.lora_rank", "method.lora_alpha", "method.lora_targets")
+# Keys that fix the order of the training samples: with these (and world size, workers) unchanged, a resume
+# continues the data stream exactly where it was.
+_SAME_DATA_ORDER = ("seed", "data.train_shards", "data.batch_size", "data.workers", "data.shuffle_buffer",
+                    "data.augment", "data.crop_pct", "optim.grad_accum")
+_MAX_SKIPS_IN_A_ROW = 10  # optim.nonfinite=skip: beyond this the weights are likely broken; stop
+
+
+def _dotted(tree: dict, key: str):
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
+
+
 class Trainer:
-    def __init__(self, cfg: Config, dist_info: DistInfo) -> None:
+    def __init__(self, cfg: Config, dist_info: DistInfo, resume: str | None = None) -> None:
         self.cfg, self.dist = cfg, dist_info
+        self.preemption = Preemption()  # first: a signal from here on asks for a clean stop
         # Data first: a missing shard or count is a user error to report before anything heavy is built.
         data = resolve_dataset(cfg.data)
+        require_shards(data.train_shards, dist_info.world_size, cfg.data.workers)
         self.train_shards, self.eval_shards, num_classes = data.train_shards, data.eval_shards, data.num_classes
         self.num_classes = num_classes
         self.schedule = Schedule.plan(cfg, data.train_samples, dist_info.world_size)
 
-        self.run_dir = prepare_run_dir(cfg, dist_info, "train")
-
-        if cfg.method.name in PEFT_METHODS and cfg.method.allocation is None \
+        self.run_dir, checkpoint_dir = open_run(cfg, dist_info, "train", resume)
+        self.checkpoint = Checkpoint.read(checkpoint_dir) if checkpoint_dir else None
+        if self.checkpoint:
+            self._check_resumable(self.checkpoint)
+        elif cfg.method.name in PEFT_METHODS and cfg.method.allocation is None \
                 and not os.path.isfile(os.path.join(self.run_dir, ALLOCATION_JSON)):
             # Select first, in this job and run directory; the score pass builds its own model from the same seed.
-            run_selection(cfg, dist_info, "select", run_dir=self.run_dir, data=data)
+            run_selection(cfg, dist_info, "select", run_dir=self.run_dir, data=data, resume=resume)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = create_model(cfg.model.name, num_classes, checkpoint=cfg.model.checkpoint,
                              img_size=cfg.model.img_size, drop_path_rate=cfg.model.drop_path_rate)
         self.model = self._apply_method(model)
+        resumed_weights = self._load_trainable() if self.checkpoint else None
         self.input_size = tuple(model.patch_embed.img_size)
         self.trainable_report = format_trainable_parameters(self.model)
         self.trainable, self.total_params = trainable_parameters(self.model)
         train_tf, eval_tf = build_transforms(self.model, cfg.data)
         torch.manual_seed(cfg.seed + dist_info.rank)  # per-rank randomness (dropout) from here on
 
+        self.start_step = self.checkpoint.step if self.checkpoint else 0
+        exact = self._continues_exactly()
+        start_epoch = 0
+        if self.checkpoint and not exact:  # a new sharding of the data: begin the epoch the run was in again
+            start_epoch = self.checkpoint.state["samples_seen"] // data.train_samples
         common = dict(rank=dist_info.rank, world=dist_info.world_size, num_classes=num_classes, workers=cfg.data.workers)
         self.train_stream = TrainStream(self.train_shards, transform=train_tf, batch_size=cfg.data.batch_size,
-                                        seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer, **common)
+                                        seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                                        start_epoch=start_epoch, **common)
         self.eval_stream = EvalStream(self.eval_shards, transform=eval_tf, batch_size=cfg.data.eval_batch_size, **common)
 
         spec = EngineSpec(engine=cfg.engine, optim=cfg.optim, micro_batch_size=cfg.data.batch_size,
@@ -90,26 +120,119 @@ class Trainer:
                           scheduler=lambda opt: build_scheduler(opt, cfg.optim, self.schedule.total_steps,
                                                                 self.schedule.warmup_steps))
         self.engine = build_engine(self.model, spec)
+        self.skipped_steps, self._skips_in_a_row = 0, 0
+        self._preempt = self._time_due = False  # agreed by all ranks at each step (_agree_before_update)
+        self._last_checkpoint: str | None = None
+        self._resume_note = ""
+        if self.checkpoint:
+            self._restore(resumed_weights, exact)
         self.log = RunLogger(os.path.join(self.run_dir, "tb") if dist_info.is_main else None,
-                             self.schedule.total_steps, cfg.output.progress)
+                             self.schedule.total_steps, cfg.output.progress,
+                             purge_step=self.start_step + 1 if self.checkpoint else None,
+                             initial_step=self.start_step)
+        self.samples_log = self._open_samples_log()
+        self._saved_step = self.start_step if self.checkpoint else None
+        self._last_save_time = time.monotonic()
+
+    # ------------------------------------------------------------------ building and resuming
 
     def _apply_method(self, model: torch.nn.Module) -> torch.nn.Module:
         method = self.cfg.method
         if method.name not in PEFT_METHODS:
+            self.allocation_files = {}
             return apply_method(model, method)
-        directory = method.allocation or self.run_dir
+        # Resumed runs train the checkpoint's allocation: it is never selected again.
+        directory = self.checkpoint.directory if self.checkpoint else method.allocation or self.run_dir
         record, indices = read_allocation(directory)
         if record["method"] != self.cfg.selection.method:
             raise UserError(f"method.allocation: '{directory}' holds a {record['method']} allocation, "
                             f"method.name {method.name} needs {self.cfg.selection.method}")
+        self.allocation_files = {}
+        for name in (ALLOCATION_JSON, ALLOCATION_INDICES):  # kept to go into every checkpoint
+            with open(os.path.join(directory, name), "rb") as f:
+                self.allocation_files[name] = f.read()
         return apply_allocation(model, record, indices, sparse_update=method.sparse_update,
                                 dropout=method.lora_dropout)
+
+    def _check_resumable(self, checkpoint: Checkpoint) -> None:
+        saved, now = checkpoint.state["config"], self.cfg.to_dict()
+        for key in _SAME_ON_RESUME:
+            if _dotted(saved, key) != _dotted(now, key):
+                raise UserError(f"{key}: the checkpoint {checkpoint.directory} was written with "
+                                f"{_dotted(saved, key)!r}, this run has {_dotted(now, key)!r}")
+
+    def _load_trainable(self) -> dict[str, torch.Tensor]:
+        """The checkpoint's trainable tensors, into the plain model before any engine wraps it."""
+        tensors = self.checkpoint.trainable()
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if set(tensors) != set(trainable):
+            diff = sorted(set(tensors) ^ set(trainable))
+            raise UserError(f"--resume: {self.checkpoint.directory} trains other tensors than this run "
+                            f"(e.g. '{diff[0]}')")
+        with torch.no_grad():
+            for name, p in trainable.items():
+                if tensors[name].shape != p.shape:
+                    raise UserError(f"--resume: '{name}' is {list(tensors[name].shape)} in "
+                                    f"{self.checkpoint.directory}, {list(p.shape)} here")
+                p.copy_(tensors[name])
+        return tensors
+
+    def _continues_exactly(self) -> bool:
+        """Whether the data stream and RNG can go on exactly where the checkpoint left them."""
+        if not self.checkpoint:
+            return False
+        state, now = self.checkpoint.state, self.cfg.to_dict()
+        return state["world_size"] == self.dist.world_size and \
+            all(_dotted(state["config"], k) == _dotted(now, k) for k in _SAME_DATA_ORDER)
+
+    def _restore(self, weights: dict[str, torch.Tensor], exact: bool) -> None:
+        checkpoint, engine = self.checkpoint, self.engine
+        engine.restore_master_weights(weights)
+        optimizer = checkpoint.optimizer()
+        if optimizer:
+            engine.load_optimizer_state(optimizer, checkpoint.state["optimizer_steps"])
+        engine.load_scheduler_state(checkpoint.state["scheduler"])
+        self.skipped_steps = checkpoint.state.get("skipped_steps", 0)
+        was = checkpoint.state["world_size"]
+        if exact:
+            rng, rng_json, rank_state = checkpoint.rank_state(self.dist.rank)
+            self.train_stream.load_state_dict(rank_state["data"])
+            restore_rng(rng, rng_json)
+            self._resume_note = f"resumed from {checkpoint.directory} (step {checkpoint.step}): data, RNG and state exactly"
+        else:
+            self._resume_note = (f"resumed from {checkpoint.directory} (step {checkpoint.step}, {was} -> "
+                                 f"{self.dist.world_size} ranks): trainable and optimizer state and schedule; the data set is "
+                                 f"dealt out anew and read from the start of the epoch the run was in")
+
+    def _open_samples_log(self):
+        """output.log_samples: samples/rank_RRRRR.txt, one line per optimizer step ("step key key ..."). A
+        resumed run drops the lines past its checkpoint, which the interrupted run may have written."""
+        if not self.cfg.output.log_samples:
+            return None
+        path = os.path.join(self.run_dir, "samples", f"rank_{self.dist.rank:05d}.txt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        kept = []
+        if self.checkpoint and os.path.isfile(path):
+            with open(path) as f:
+                kept = [line for line in f if int(line.split(" ", 1)[0]) <= self.start_step]
+        write_text(path, "".join(kept))
+        return open(path, "a")
 
     def _say(self, line: str) -> None:
         if self.dist.is_main:
             self.log.write(line)
 
+    # ------------------------------------------------------------------ the loop
+
     def fit(self) -> dict:
+        try:
+            return self._fit()
+        finally:
+            self.preemption.close()
+            if self.samples_log:
+                self.samples_log.close()
+
+    def _fit(self) -> dict:
         cfg, sched, engine = self.cfg, self.schedule, self.engine
         self._say(f"run directory: {self.run_dir}\ntensorboard:   tensorboard --logdir {os.path.join(self.run_dir, 'tb')}")
         self._say(f"{cfg.model.name} / {cfg.method.name} / {cfg.engine.kind}"
@@ -117,73 +240,117 @@ class Trainer:
                   f" / {cfg.engine.precision} / {self.dist.world_size} rank(s): {self.trainable_report}")
         self._say(f"{sched.total_steps} steps ({sched.epochs} epochs of {sched.steps_per_epoch}), "
                   f"global batch {cfg.data.batch_size * cfg.optim.grad_accum * self.dist.world_size}")
+        if self._resume_note:
+            self._say(self._resume_note)
         self.log.text("trainable_parameters", self.trainable_report)
         self.log.scalars({"params/trainable": self.trainable, "params/trainable_pct": 100 * self.trainable / self.total_params}, 0)
 
         batches = iter(self.train_stream)
-        throughput, window_loss, window_steps = Throughput(), 0.0, 0
-        train_start, eval_time, eval_result, step = time.perf_counter(), 0.0, {}, 0
+        throughput, window_loss, window_count = Throughput(), 0.0, 0
+        train_start, eval_time, eval_result, eval_step = time.perf_counter(), 0.0, {}, None
+        step = self.start_step
         engine.train()
-        for epoch in range(sched.epochs):
-            for _ in range(min(sched.steps_per_epoch, sched.total_steps - step)):
-                for _ in range(cfg.optim.grad_accum):
-                    batch = next(batches)
-                    images = batch["images"].to(self.dist.device, engine.input_dtype, non_blocking=True)
-                    labels = batch["labels"].to(self.dist.device, non_blocking=True)
-                    loss = F.cross_entropy(engine.module(images).float(), labels)
-                    engine.backward(loss)
-                    engine.step()
-                    window_loss += loss.item() / cfg.optim.grad_accum
-                    throughput.add(len(labels) * self.dist.world_size)
-                step += 1
-                window_steps += 1
-                self.log.progress(1)
-                if step % cfg.output.log_every == 0 or step == sched.total_steps:
-                    # Collective at the same steps on every rank: the loss averaged over ranks and the window.
-                    loss_sum, = all_reduce_sum([window_loss])
-                    mean_loss = loss_sum / (window_steps * self.dist.world_size)
-                    rate = throughput.rate()
-                    self.log.scalars({"train/loss": mean_loss, "train/lr": engine.lr(), "perf/images_per_s": rate,
-                                      "perf/images_per_s_per_rank": rate / self.dist.world_size,
-                                      "perf/peak_memory_gib": peak_memory_gib(self.dist.device)}, step)
-                    self.log.progress(0, {"loss": f"{mean_loss:.4f}", "lr": f"{engine.lr():.2e}", "img/s": f"{rate:.0f}"})
-                    window_loss, window_steps = 0.0, 0
-                if self._checkpoint_due(step):
-                    self.save_checkpoint(step)
-            last = step >= sched.total_steps
-            if last or (epoch + 1) % cfg.output.eval_every == 0:
+        while step < sched.total_steps:
+            nonfinite, keys = 0, []
+            for micro in range(cfg.optim.grad_accum):
+                batch = next(batches)
+                images = batch["images"].to(self.dist.device, engine.input_dtype, non_blocking=True)
+                labels = batch["labels"].to(self.dist.device, non_blocking=True)
+                loss = F.cross_entropy(engine.module(images).float(), labels)
+                engine.backward(loss)
+                value = loss.item()
+                if math.isfinite(value):
+                    window_loss, window_count = window_loss + value, window_count + 1
+                else:
+                    nonfinite += 1
+                if micro == cfg.optim.grad_accum - 1:
+                    self._agree_before_update(step + 1, nonfinite)
+                engine.step()
+                throughput.add(len(labels) * self.dist.world_size)
+                keys += batch["keys"]
+            step += 1
+            if self.samples_log:
+                self.samples_log.write(f"{step} {' '.join(keys)}\n")
+                self.samples_log.flush()
+            self.log.progress(1)
+            if step % cfg.output.log_every == 0 or step == sched.total_steps:
+                # Collective at the same steps on every rank: the loss averaged over ranks and the window.
+                loss_sum, count = all_reduce_sum([window_loss, float(window_count)])
+                mean_loss = loss_sum / max(count, 1.0)
+                rate = throughput.rate()
+                self.log.scalars({"train/loss": mean_loss, "train/lr": engine.lr(), "perf/images_per_s": rate,
+                                  "perf/images_per_s_per_rank": rate / self.dist.world_size,
+                                  "perf/peak_memory_gib": peak_memory_gib(self.dist.device),
+                                  "train/skipped_steps": self.skipped_steps}, step)
+                self.log.progress(0, {"loss": f"{mean_loss:.4f}", "lr": f"{engine.lr():.2e}", "img/s": f"{rate:.0f}"})
+                window_loss, window_count = 0.0, 0
+            epoch_end = step % sched.steps_per_epoch == 0
+            if step == sched.total_steps or (epoch_end and (step // sched.steps_per_epoch) % cfg.output.eval_every == 0):
                 eval_start = time.perf_counter()
-                eval_result = self.evaluate()
+                eval_result, eval_step = self.evaluate(), step
                 eval_time += time.perf_counter() - eval_start
                 self.log.scalars({f"eval/{k}": v for k, v in eval_result.items()}, step)
-                self._say(f"epoch {epoch + 1}/{sched.epochs} step {step}: top1 {eval_result['top1']:.2f}% "
-                          f"({int(eval_result['samples'])} samples)")
+                self._say(f"epoch {math.ceil(step / sched.steps_per_epoch)}/{sched.epochs} step {step}: top1 "
+                          f"{eval_result['top1']:.2f}% ({int(eval_result['samples'])} samples)")
                 engine.train()
-            if last:
-                break
+            if self._checkpoint_due(step) or self._time_due or self._preempt:
+                self.save_checkpoint(step)
+            if self._preempt:
+                self.train_stream.close()
+                self.log.close()
+                raise Stopped(f"stopped by {self.preemption.received or 'a signal to another rank'} at step {step}: "
+                              f"checkpoint {self._last_checkpoint}\n{resume_hint(self.run_dir)}")
         train_time = time.perf_counter() - train_start - eval_time
         self.train_stream.close()  # stop its loader workers now, not at interpreter exit
 
-        if not self._checkpoint_due(step):  # else the loop has just saved this step
+        if self._saved_step != step:  # else the loop has just saved this step (or the run resumed at its end)
             self.save_checkpoint(step)
+        if eval_step != step:  # resumed at the last step: nothing trained, but the summary needs an evaluation
+            eval_result = self.evaluate()
         faults = self._data_faults()
+        images = (step - self.start_step) * cfg.data.batch_size * cfg.optim.grad_accum * self.dist.world_size
         summary = {"steps": step, "epochs": sched.epochs, "world_size": self.dist.world_size,
                    "top1": eval_result.get("top1"), "eval_samples": eval_result.get("samples"),
                    "train_time_s": train_time, "eval_time_s": eval_time,
-                   "images_per_s": step * cfg.data.batch_size * cfg.optim.grad_accum * self.dist.world_size / train_time,
+                   "images_per_s": images / train_time if images else None,
                    "peak_memory_gib": max(all_gather_float(peak_memory_gib(self.dist.device))),
                    "trainable_params": self.trainable, "total_params": self.total_params,
                    "optimizer_state_bytes": int(all_reduce_sum([float(engine.optimizer_state_bytes())])[0]),
-                   "skipped_samples": faults}
+                   "skipped_samples": faults, "skipped_steps": self.skipped_steps,
+                   "resumed_from_step": self.start_step if self.checkpoint else None}
         self._save_weights()
         if self.dist.is_main:
             write_json(os.path.join(self.run_dir, "metrics.json"), summary)
         self.log.scalars({f"data/skipped_{k}": v for k, v in faults.items()}, step)
         self.log.close()
-        self._say(f"done: top1 {summary['top1']:.2f}% | {summary['images_per_s']:.1f} images/s | "
+        rate = f"{summary['images_per_s']:.1f} images/s" if images else "no steps left to train"
+        self._say(f"done: top1 {summary['top1']:.2f}% | {rate} | "
                   f"peak memory {summary['peak_memory_gib']:.2f} GiB/rank | skipped samples {faults or 'none'}\n"
                   f"run directory: {self.run_dir}\ntensorboard:   tensorboard --logdir {os.path.join(self.run_dir, 'tb')}")
         return summary
+
+    def _agree_before_update(self, step: int, nonfinite: int) -> None:
+        """Collective, once per optimizer step, after the last backward and before the update: did any rank
+        see a non-finite loss, receive a stop signal, or (rank 0's clock) is a timed checkpoint due."""
+        every_min = self.cfg.output.checkpoint_every_min
+        time_due = self.dist.is_main and every_min > 0 and time.monotonic() - self._last_save_time >= 60 * every_min
+        bad, signalled, due = all_reduce_sum([float(nonfinite), float(self.preemption.requested), float(time_due)])
+        self._preempt, self._time_due = signalled > 0, due > 0
+        if not bad:
+            self._skips_in_a_row = 0
+            return
+        last = self._last_checkpoint or "none was written"
+        if self.cfg.optim.nonfinite == "stop":
+            raise UserError(f"optim: the loss became non-finite at step {step} (learning rate too high, bad data "
+                            f"or a bad checkpoint?); stopped before its update, nothing saved; last checkpoint: "
+                            f"{last} (optim.nonfinite=skip leaves such steps out instead)")
+        self.engine.optimizer().skip_next_step = True
+        self.skipped_steps += 1
+        self._skips_in_a_row += 1
+        self._say(f"step {step}: non-finite loss on {int(bad)} micro-batch(es); the update is skipped")
+        if self._skips_in_a_row >= _MAX_SKIPS_IN_A_ROW:
+            raise UserError(f"optim: the loss was non-finite in {_MAX_SKIPS_IN_A_ROW} steps in a row (up to step "
+                            f"{step}): the weights are likely broken; stopped; last checkpoint: {last}")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -215,11 +382,16 @@ class Trainer:
         return every > 0 and step % every == 0
 
     def save_checkpoint(self, step: int) -> None:
-        directory = os.path.join(self.run_dir, "checkpoints", f"step_{step:08d}")
-        self.engine.save_checkpoint(directory)
-        if self.dist.is_main:
-            write_json(os.path.join(directory, "trainer_state.json"), {"step": step})
-        dist.barrier()
+        cfg = self.cfg
+        state = {"world_size": self.dist.world_size, "samples_seen":
+                 step * cfg.data.batch_size * cfg.optim.grad_accum * self.dist.world_size,
+                 "scheduler": self.engine.scheduler().state_dict(), "skipped_steps": self.skipped_steps,
+                 "config": cfg.to_dict()}
+        self._last_checkpoint = save_checkpoint(
+            self.run_dir, step, engine=self.engine, state=state, rank=self.dist.rank,
+            rank_state={"data": self.train_stream.state_dict()}, files=self.allocation_files,
+            keep_last=cfg.output.keep_last)
+        self._saved_step, self._last_save_time = step, time.monotonic()
 
     def _save_weights(self) -> None:
         """The final weights. Baselines: every parameter, consolidated, in one fp32 safetensors file. PEFT
@@ -247,8 +419,11 @@ class Trainer:
         self._say(f"PEFT artifact: {artifact}; merged timm checkpoint: {os.path.join(self.run_dir, 'model.safetensors')}")
 
     def _data_faults(self) -> dict[str, int]:
-        """Skipped samples per kind, summed over ranks and over train and eval reading."""
-        train, evaluation = self.train_stream.faults(), self.eval_stream.faults()
-        totals = all_reduce_sum([float(train.get(k, 0) + evaluation.get(k, 0)) for k in FAULT_KINDS])
-        return {k: int(v) for k, v in zip(FAULT_KINDS, totals) if v}
-
+        """Distinct skipped samples per kind: train faults as the union over ranks (a bad sample may be read by
+        another rank in another epoch), plus this evaluation's (ranks read disjoint eval shards)."""
+        seen = [None] * self.dist.world_size
+        dist.all_gather_object(seen, self.train_stream.state_dict()["faults"])
+        train = {k: len(set().union(*(rank_faults[k] for rank_faults in seen))) for k in FAULT_KINDS}
+        evaluation = all_reduce_sum([float(self.eval_stream.faults()[k]) for k in FAULT_KINDS])
+        totals = {k: train[k] + int(e) for k, e in zip(FAULT_KINDS, evaluation)}
+        return {k: v for k, v in totals.items() if v}

@@ -22,26 +22,47 @@ def dataset_classes(cfg) -> int:
     return len(read_classes(expand_shards(cfg.data.train_shards, "data.train_shards")))
 
 
-def train_reference(cfg, model: nn.Module, world: int) -> nn.Module:
-    """Trains `model` (already given its trainable parameters) in place, as `world` ranks would."""
+def train_reference(cfg, model: nn.Module, world: int, resume_from=None) -> nn.Module:
+    """Trains `model` (already given its trainable parameters) in place, as `world` ranks would.
+
+    `resume_from`: a spt_dist.checkpoint.Checkpoint of another world size: its trainable weights, AdamW state and
+    schedule position are loaded, and the data is read from the start of the epoch the run was in."""
     shards = expand_shards(cfg.data.train_shards, "data.train_shards")
     num_classes = len(read_classes(shards))
-    schedule = Schedule.plan(cfg, count_samples(shards), world)
+    samples = count_samples(shards)
+    schedule = Schedule.plan(cfg, samples, world)
+    start_step = resume_from.step if resume_from else 0
+    start_epoch = resume_from.state["samples_seen"] // samples if resume_from else 0
     transform, _ = build_transforms(model, cfg.data)
     streams = [iter(TrainStream(shards, rank=r, world=world, batch_size=cfg.data.batch_size, transform=transform,
                                 num_classes=num_classes, seed=cfg.seed, workers=cfg.data.workers,
-                                shuffle_buffer=cfg.data.shuffle_buffer)) for r in range(world)]
+                                shuffle_buffer=cfg.data.shuffle_buffer, start_epoch=start_epoch))
+               for r in range(world)]
+    if resume_from:
+        model.load_state_dict(resume_from.trainable(), strict=False)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, schedule.total_steps, schedule.warmup_steps)
+    names = {p: n for n, p in model.named_parameters()}
+    if resume_from:
+        state = resume_from.optimizer()
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                optimizer.state[p] = {"step": torch.tensor(float(resume_from.state["optimizer_steps"])),
+                                      **{k: v.clone() for k, v in state[names[p]].items()}}
+        for _ in range(start_step):
+            scheduler.step()
     params = [p for p in model.parameters() if p.requires_grad]
-    for _ in range(schedule.total_steps):
-        per_rank = []
-        for stream in streams:
-            batch = next(stream)
-            loss = F.cross_entropy(model(batch["images"]).float(), batch["labels"])
-            per_rank.append(torch.autograd.grad(loss, params))
-        for p, *grads in zip(params, *per_rank):
-            p.grad = grads[0] if world == 1 else (grads[0] + grads[1]) / 2 if world == 2 else sum(grads) / world
+    accum = cfg.optim.grad_accum
+    for _ in range(start_step, schedule.total_steps):
+        per_micro = []  # the gradient of the global-batch mean: the mean over ranks and micro-batches
+        for _ in range(accum):
+            for stream in streams:
+                batch = next(stream)
+                loss = F.cross_entropy(model(batch["images"]).float(), batch["labels"])
+                per_micro.append(torch.autograd.grad(loss, params))
+        for p, *grads in zip(params, *per_micro):
+            p.grad = grads[0] if len(grads) == 1 else (grads[0] + grads[1]) / 2 if len(grads) == 2 \
+                else sum(grads) / len(grads)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -54,8 +54,8 @@ def test_two_ranks_match_single_process_exactly(engine, reference, synthetic_sha
     assert moved == len(reference)
 
 
-@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp2"])
-def test_engine_checkpoint_restores_training_exactly(engine, tmp_path):
+@pytest.mark.parametrize("engine", ["zero0", "zero2", "zero3", "fsdp2"])
+def test_engine_state_restores_training_exactly(engine, tmp_path):
     """Weights, optimizer state and schedule all come back: the step after loading is bit-identical."""
     check(run_job(["tests/workers/engine_checkpoint.py", str(tmp_path), *VARIANTS[engine], "method.name=lora",
                    "optim.grad_accum=2", "optim.weight_decay=0.05"], nproc=WORLD, timeout=240))

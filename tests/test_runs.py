@@ -62,6 +62,7 @@ def test_method_trains_and_writes_its_run_directory(name, synthetic_shards, tmp_
     ("optim.epochs=ten", "spt_dist: error: optim.epochs: expected an integer"),
     ("data.train_shards=/nowhere/train-{0..3}.tar", "spt_dist: error: data.train_shards:"),
     ("model.name=vit_unknown_patch3", "spt_dist: error: model.name: unknown model 'vit_unknown_patch3'"),
+    ("data.workers=9", "spt_dist: error: data.train_shards: 8 shards for 1 ranks x 9 workers; need at least 9"),
 ])
 def test_bad_config_exits_with_one_line(override, message, synthetic_shards, tmp_path):
     args = [TRAIN, "--config", "tests/configs/tiny.yaml", *tiny_overrides(synthetic_shards, tmp_path, "bad"), override]
@@ -78,3 +79,33 @@ def test_bad_config_under_two_ranks_fails_fast(synthetic_shards, tmp_path):
     result = run_job(args, nproc=2, timeout=120)
     assert result.returncode != 0
     assert result.stderr.count("spt_dist: error: model.name: unknown model") == 1  # said once, by rank 0
+
+
+def test_nonfinite_loss_stops_every_rank_before_saving(synthetic_shards, tmp_path):
+    """A learning rate of 1e8 makes the loss NaN from step 2: both ranks stop there with one error line, the
+    step-1 checkpoint stays the last one, and no final weights are written."""
+    args = [TRAIN, "--config", "tests/configs/tiny.yaml", *tiny_overrides(synthetic_shards, tmp_path, "nan"),
+            "optim.lr=1e8", "optim.max_steps=6", "output.checkpoint_every=1", "engine.zero_stage=2"]
+    result = run_job(args, nproc=2, timeout=240)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("spt_dist: error:")]
+    assert len(errors) == 1 and "the loss became non-finite at step 2" in errors[0], result.stderr[-3000:]
+    assert "stopped before its update, nothing saved" in errors[0]
+    assert "step_00000001" in errors[0]
+    run_dir = tmp_path / "nan"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000001"]
+    assert not (run_dir / "model.safetensors").exists() and not (run_dir / "metrics.json").exists()
+
+
+def test_nonfinite_loss_skip_mode_leaves_steps_out_then_gives_up(synthetic_shards, tmp_path):
+    """optim.nonfinite=skip: the NaN steps are left out (said per step); as the weights stay broken, the 10th
+    skipped step in a row stops the run with one line, the last good checkpoint kept."""
+    args = [TRAIN, "--config", "tests/configs/tiny.yaml", *tiny_overrides(synthetic_shards, tmp_path, "skip"),
+            "optim.lr=1e8", "optim.max_steps=14", "output.checkpoint_every=1", "engine.zero_stage=2",
+            "optim.nonfinite=skip"]
+    result = run_job(args, nproc=2, timeout=240)
+    assert result.returncode != 0
+    assert result.stdout.count("the update is skipped") == 10, result.stdout[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("spt_dist: error:")]
+    assert len(errors) == 1 and "non-finite in 10 steps in a row (up to step 11)" in errors[0], result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "skip" / "checkpoints").iterdir())[-1] == "step_00000010"

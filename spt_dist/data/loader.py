@@ -6,8 +6,14 @@ ever read the same shard in the same epoch. Everything random is seeded from (se
 never from process state, so a run is reproducible for fixed (seed, rank, world, workers).
 
 Faults: corrupt images, bad labels and unreadable/truncated tars are skipped and counted, never fatal.
-Each worker sends a snapshot of its cumulative counts with every item, so counts reach the main process
-even from DataLoader worker processes.
+A count is of distinct faults (a bad sample read again in a later epoch, or again after a resume, counts once),
+so it says what is wrong with the data set. Each worker sends the faults new since its last item with every
+item, so they reach the main process even from DataLoader worker processes.
+
+Position: every item also carries its worker's position (epoch, samples taken from the shuffled raw stream of
+that epoch, good or bad), so a TrainStream's `state_dict()` after any batch says exactly where each worker is;
+a stream loaded with it re-reads the raw bytes up to there without decoding them and goes on with the same
+batches in the same order.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from spt_dist.errors import UserError
 log = logging.getLogger(__name__)
 
 Transform = Callable[[Image.Image], torch.Tensor]
-FAULT_KINDS = ("bad_image", "bad_label", "bad_tar")
+FAULT_KINDS = ("bad_image", "bad_label", "label_out_of_range", "bad_tar")
 _IMAGE_EXTS = ("png", "jpg", "jpeg")
 _WARN_PER_KIND = 5  # log the first few faults of each kind per worker; the counts carry the rest
 
@@ -106,18 +112,32 @@ def read_classes(shards: list[str]) -> list[str] | None:
 
 
 class FaultCounter:
-    """Skipped-sample counts per kind: bad_image, bad_label, bad_tar (one per shard read that failed)."""
+    """Distinct skipped samples per kind: bad_image, bad_label (missing or not an integer), label_out_of_range,
+    bad_tar (a shard that could not be read to its end)."""
 
     def __init__(self) -> None:
-        self.counts = dict.fromkeys(FAULT_KINDS, 0)
+        self.seen: dict[str, set[str]] = {k: set() for k in FAULT_KINDS}
+        self._new: list[tuple[str, str]] = []
 
     def add(self, kind: str, where: str, why: object) -> None:
-        self.counts[kind] += 1
-        if self.counts[kind] <= _WARN_PER_KIND:
+        if where in self.seen[kind]:
+            return
+        self.seen[kind].add(where)
+        self._new.append((kind, where))
+        if len(self.seen[kind]) <= _WARN_PER_KIND:
             log.warning("skipping %s: %s (%s)", kind, where, why)
 
+    def update(self, faults: list[tuple[str, str]]) -> None:
+        for kind, where in faults:
+            self.seen[kind].add(where)
+
+    def take_new(self) -> list[tuple[str, str]]:
+        """The faults found since the last call (what an item sends to the main process)."""
+        new, self._new = self._new, []
+        return new
+
     def snapshot(self) -> dict[str, int]:
-        return dict(self.counts)
+        return {k: len(v) for k, v in self.seen.items()}
 
 
 # --------------------------------------------------------------------------- pipeline stages
@@ -159,7 +179,7 @@ def decode_samples(samples: Iterator[dict], num_classes: int, faults: FaultCount
             faults.add("bad_label", where, f"missing or non-integer .cls: {e!r}")
             continue
         if not 0 <= label < num_classes:
-            faults.add("bad_label", where, f"label {label} not in [0, {num_classes})")
+            faults.add("label_out_of_range", where, f"label {label} not in [0, {num_classes})")
             continue
         data = next((s[e] for e in _IMAGE_EXTS if e in s), None)
         try:
@@ -170,11 +190,13 @@ def decode_samples(samples: Iterator[dict], num_classes: int, faults: FaultCount
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
             faults.add("bad_image", where, e)
             continue
-        yield {"key": s["__key__"], "img": img, "label": label}
+        yield {"key": s["__key__"], "img": img, "label": label, "index": s.get("__index__")}
 
 
 class IsolatedRng:
-    """Runs the transform under its own python/numpy/torch RNG states, seeded per (seed, epoch, rank, worker).
+    """Runs the transform under its own python/numpy/torch RNG states (training: seeded per sample, by
+    (seed, epoch, rank, worker, the sample's place in the epoch's shuffled stream), so a resumed stream draws
+    the same augmentation for each sample without replaying the ones before it).
 
     Random augmentations then do not depend on (or disturb) the trainer's global RNG, and give the same
     result whether the pipeline runs in-process (workers=0) or in a DataLoader worker.
@@ -200,25 +222,47 @@ class IsolatedRng:
             torch.set_rng_state(saved[2])
 
 
-def _transformed(samples: Iterator[dict], transform: Transform, rng: IsolatedRng | None) -> Iterator[dict]:
+def _transformed(samples: Iterator[dict], transform: Transform, seed: str | None) -> Iterator[dict]:
+    """seed None: the transform as it is (evaluation); else each sample under an IsolatedRng of (seed, index)."""
     for s in samples:
         img = s.pop("img")
-        s["image"] = rng(transform, img) if rng else transform(img)
+        s["image"] = transform(img) if seed is None else IsolatedRng(seed_string(seed, s["index"]))(transform, img)
         yield s
 
 
-def _batches(samples: Iterator[dict], batch_size: int, partial_last: bool, worker: int, faults: FaultCounter):
-    """Items sent to the main process: {"worker", "faults", "batch"}; a final item with batch=None says
-    "this worker is done" and carries the last fault counts (faults after the last batch would else be lost)."""
+class Position:
+    """Where a train worker is: its epoch and how many samples of that epoch's shuffled raw stream it has taken."""
+
+    def __init__(self, epoch: int = 0, taken: int = 0) -> None:
+        self.epoch, self.taken = epoch, taken
+
+    def counted(self, raw: Iterator[dict]) -> Iterator[dict]:
+        for sample in raw:
+            self.taken += 1
+            sample["__index__"] = self.taken
+            yield sample
+
+
+def _batches(samples: Iterator[dict], batch_size: int, partial_last: bool, worker: int, faults: FaultCounter,
+             position: Position | None = None):
+    """Items sent to the main process: {"worker", "faults", "position", "batch"}; a final item with batch=None
+    says "this worker is done" and carries the last faults (faults after the last batch would else be lost).
+
+    The stages are lazy generators: when a batch is complete nothing past its last sample has been taken, so
+    the position sent with it is exactly the end of that batch."""
+    def item(batch):
+        where = None if position is None else (position.epoch, position.taken)
+        return {"worker": worker, "faults": faults.take_new(), "position": where, "batch": batch}
+
     buf: list[dict] = []
     for s in samples:
         buf.append(s)
         if len(buf) == batch_size:
-            yield {"worker": worker, "faults": faults.snapshot(), "batch": _collate(buf)}
+            yield item(_collate(buf))
             buf = []
     if buf and partial_last:
-        yield {"worker": worker, "faults": faults.snapshot(), "batch": _collate(buf)}
-    yield {"worker": worker, "faults": faults.snapshot(), "batch": None}
+        yield item(_collate(buf))
+    yield item(None)
 
 
 def _collate(samples: list[dict]) -> dict:
@@ -254,17 +298,26 @@ class _TrainShards(IterableDataset):
         super().__init__()
         self.shards, self.rank, self.world, self.batch_size = shards, rank, world, batch_size
         self.transform, self.num_classes, self.seed, self.shuffle_buffer = transform, num_classes, seed, shuffle_buffer
+        self.start: dict[int, tuple[int, int]] = {}  # worker -> (epoch, samples taken): where to begin
 
-    def _samples(self, worker: int, workers: int, faults: FaultCounter) -> Iterator[dict]:
+    def _samples(self, worker: int, workers: int, faults: FaultCounter, position: Position) -> Iterator[dict]:
         tried: set[str] = set()
-        found = False
-        for epoch in itertools.count():
+        found = position.taken > 0 or position.epoch > 0
+        skip = position.taken
+        for epoch in itertools.count(position.epoch):
+            position.epoch, position.taken = epoch, 0
             mine = epoch_shards(self.shards, self.seed, epoch, self.rank, self.world, worker, workers)
             seed = seed_string(self.seed, epoch, self.rank, worker)
             raw = read_tars(mine, faults)
             # Shuffle raw bytes (small) before decoding, so the buffer never holds decoded images.
-            raw = wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer), rng=random.Random(seed))(raw)
-            for s in _transformed(decode_samples(raw, self.num_classes, faults), self.transform, IsolatedRng(seed)):
+            raw = position.counted(wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer),
+                                               rng=random.Random(seed))(raw))
+            # Resuming: the samples already taken are read (the shuffle must see them) but not decoded.
+            for _ in itertools.islice(raw, skip):
+                pass
+            skip = 0
+            samples = decode_samples(raw, self.num_classes, faults)
+            for s in _transformed(samples, self.transform, seed):
                 found = True
                 yield s
             tried.update(mine)
@@ -278,15 +331,17 @@ class _TrainShards(IterableDataset):
     def __iter__(self):
         worker, workers = _worker_slot()
         faults = FaultCounter()
+        position = Position(*self.start.get(worker, (0, 0)))
         pipeline = wds.DataPipeline(
-            partial(self._samples, worker, workers, faults),
-            partial(_batches, batch_size=self.batch_size, partial_last=False, worker=worker, faults=faults),
+            partial(self._samples, worker, workers, faults, position),
+            partial(_batches, batch_size=self.batch_size, partial_last=False, worker=worker, faults=faults,
+                    position=position),
         )
         try:
             yield from pipeline
         except UserError as e:
             # Exceptions from DataLoader workers reach the main process as tracebacks; send the message as data.
-            yield {"worker": worker, "faults": faults.snapshot(), "batch": None, "error": str(e)}
+            yield {"worker": worker, "faults": faults.take_new(), "position": None, "batch": None, "error": str(e)}
 
 
 class _EvalShards(IterableDataset):
@@ -303,7 +358,7 @@ class _EvalShards(IterableDataset):
             wds.DataPipeline(
                 lambda: read_tars(mine, faults),
                 partial(decode_samples, num_classes=self.num_classes, faults=faults),
-                partial(_transformed, transform=self.transform, rng=None),
+                partial(_transformed, transform=self.transform, seed=None),
                 partial(_batches, batch_size=self.batch_size, partial_last=True, worker=worker, faults=faults),
             )
         )
@@ -314,6 +369,13 @@ class _EvalShards(IterableDataset):
 
 def _identity(x):
     return x
+
+
+def _own_process_group(worker_id: int) -> None:  # noqa: ARG001
+    """A DataLoader worker leaves its rank's process group: torchrun passes SIGTERM to each rank's whole group,
+    and a worker killed by it would fail the rank before the rank could save its checkpoint. The worker still
+    stops with its rank (the DataLoader shuts it down, and it exits by itself once its rank is gone)."""
+    os.setsid()
 
 
 def _loader(dataset: IterableDataset, workers: int, pin_memory: bool, persistent: bool) -> DataLoader:
@@ -327,60 +389,78 @@ def _loader(dataset: IterableDataset, workers: int, pin_memory: bool, persistent
         pin_memory=pin_memory,
         persistent_workers=persistent and workers > 0,
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=_own_process_group,
     )
 
 
-def _merge_workers(items: Iterator[dict], workers: int, faults: dict[int, dict[str, int]]) -> Iterator[dict]:
+class _Progress:
+    """What the main process has taken from a stream's workers: their faults (distinct, all workers), each
+    worker's position after its latest batch taken, and the number of batches taken."""
+
+    def __init__(self) -> None:
+        self.faults = FaultCounter()
+        self.positions: dict[int, tuple[int, int]] = {}
+        self.batches = 0
+
+
+def _merge_workers(items: Iterator[dict], workers: int, progress: _Progress) -> Iterator[dict]:
     """Yield batches round-robin over workers (worker 0, 1, ..., skipping finished ones).
 
     The DataLoader already round-robins, but once a worker finishes, which worker gets the next slot
     depends on timing; re-ordering by worker id here makes the order deterministic. The buffer stays
     small because the DataLoader's own order differs from this one only after a worker has finished.
+    A resumed train stream starts at the turn its batch count gives (train workers never finish).
     """
     pending = {w: deque() for w in range(max(workers, 1))}
     active = list(pending)
-    turn = 0
+    turn = progress.batches % len(active)
     while active:
         w = active[turn % len(active)]
         while not pending[w]:
             item = next(items)  # cannot run dry: a worker's final item (batch=None) always arrives
             pending[item["worker"]].append(item)
         item = pending[w].popleft()
-        faults[w] = item["faults"]
+        progress.faults.update(item["faults"])
         if item.get("error"):
             raise UserError(item["error"])
         if item["batch"] is None:
             active.remove(w)
             continue  # `turn` now already points at the next worker
+        if item["position"] is not None:
+            progress.positions[w] = item["position"]
+        progress.batches += 1
         turn = (turn + 1) % len(active)
         yield item["batch"]
 
 
-def _sum_faults(per_worker: dict[int, dict[str, int]]) -> dict[str, int]:
-    total = dict.fromkeys(FAULT_KINDS, 0)
-    for counts in per_worker.values():
-        for k, v in counts.items():
-            total[k] += v
-    return total
+def require_shards(shards: list[str], world: int, workers: int) -> None:
+    """Every (rank, worker) of a train stream reads its own shards: there must be at least that many."""
+    need = world * max(workers, 1)
+    if len(shards) < need:
+        raise UserError(f"data.train_shards: {len(shards)} shards for {world} ranks x {max(workers, 1)} workers; "
+                        f"need at least {need}")
 
 
 class TrainStream:
-    """Infinite iterator of full batches {"keys", "images" [B,3,H,W], "labels" [B]} for one rank."""
+    """Infinite iterator of full batches {"keys", "images" [B,3,H,W], "labels" [B]} for one rank.
+
+    `state_dict()` / `load_state_dict()`: the exact position after the latest batch, for a resume with the same
+    shards, rank, world and workers. `start_epoch`: begin at the start of that epoch instead (a resume on
+    another world size, where positions cannot carry over because the shards are dealt out differently).
+    """
 
     def __init__(self, shards: list[str], *, rank: int, world: int, batch_size: int, transform: Transform,
-                 num_classes: int, seed: int, workers: int, shuffle_buffer: int, pin_memory: bool = False):
-        need = world * max(workers, 1)
-        if len(shards) < need:
-            raise UserError(
-                f"data.train_shards: {len(shards)} shards for {world} ranks x {max(workers, 1)} workers; "
-                f"need at least {need}"
-            )
+                 num_classes: int, seed: int, workers: int, shuffle_buffer: int, pin_memory: bool = False,
+                 start_epoch: int = 0):
+        require_shards(shards, world, workers)
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} not in [0, {world})")
-        dataset = _TrainShards(list(shards), rank, world, batch_size, transform, num_classes, seed, shuffle_buffer)
-        self._loader = _loader(dataset, workers, pin_memory, persistent=False)
-        self._workers = workers
-        self._faults: dict[int, dict[str, int]] = {}
+        self._dataset = _TrainShards(list(shards), rank, world, batch_size, transform, num_classes, seed,
+                                     shuffle_buffer)
+        self._dataset.start = {w: (start_epoch, 0) for w in range(max(workers, 1))}
+        self._loader = _loader(self._dataset, workers, pin_memory, persistent=False)
+        self._workers, self._world = workers, world
+        self._progress = _Progress()
         self._it: Iterator[dict] | None = None  # started lazily: constructing reads nothing
 
     def __iter__(self) -> TrainStream:
@@ -388,12 +468,30 @@ class TrainStream:
 
     def __next__(self) -> dict:
         if self._it is None:
-            self._it = _merge_workers(iter(self._loader), self._workers, self._faults)
+            self._it = _merge_workers(iter(self._loader), self._workers, self._progress)
         return next(self._it)
 
     def faults(self) -> dict[str, int]:
-        """Samples skipped so far on this rank, per kind (as of the latest batch from each worker)."""
-        return _sum_faults(self._faults)
+        """Distinct samples (tars) skipped so far on this rank, per kind."""
+        return self._progress.faults.snapshot()
+
+    def state_dict(self) -> dict:
+        """JSON-able: per worker [epoch, samples taken], batches taken, faults found."""
+        return {"world": self._world, "workers": self._workers, "batches": self._progress.batches,
+                "positions": {str(w): list(p) for w, p in sorted(self._progress.positions.items())},
+                "faults": {k: sorted(v) for k, v in self._progress.faults.seen.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue after the batch `state` was taken at (before the first batch is drawn)."""
+        if self._it is not None:
+            raise RuntimeError("load_state_dict after iteration started")
+        if (state["world"], state["workers"]) != (self._world, self._workers):
+            raise ValueError(f"a stream of {state['world']} ranks x {state['workers']} workers cannot continue "
+                             f"on {self._world} x {self._workers}")
+        for w, (epoch, taken) in state["positions"].items():
+            self._dataset.start[int(w)] = (epoch, taken)
+        self._progress.batches = state["batches"]
+        self._progress.faults.update([(k, where) for k, v in state["faults"].items() for where in v])
 
     def close(self) -> None:
         """Stop the DataLoader workers (closing the generator drops the DataLoader iterator)."""
@@ -416,11 +514,11 @@ class EvalStream:
         dataset = _EvalShards(list(shards), rank, world, batch_size, transform, num_classes)
         self._loader = _loader(dataset, workers, pin_memory, persistent=True)  # no worker start-up per pass
         self._workers = workers
-        self._faults: dict[int, dict[str, int]] = {}
+        self._progress = _Progress()
 
     def __iter__(self) -> Iterator[dict]:
-        self._faults.clear()
-        return _merge_workers(iter(self._loader), self._workers, self._faults)
+        self._progress = _Progress()
+        return _merge_workers(iter(self._loader), self._workers, self._progress)
 
     def faults(self) -> dict[str, int]:
-        return _sum_faults(self._faults)
+        return self._progress.faults.snapshot()

@@ -12,6 +12,9 @@ from torch import nn
 
 from spt_dist.config import EngineConfig, OptimConfig
 
+# AdamW's per-entry state: what a checkpoint keeps of the optimizer besides its step count.
+ADAM_STATE = ("exp_avg", "exp_avg_sq")
+
 # Builds an LR scheduler for the optimizer the engine ends up stepping (DeepSpeed wraps the client one).
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
@@ -74,12 +77,33 @@ class Engine(ABC):
         ranks must call it."""
 
     @abstractmethod
-    def save_checkpoint(self, directory: str) -> None:
-        """Collective: the engine's own sharded checkpoint of weights, optimizer and schedule."""
+    def optimizer_state(self) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+        """Collective. ({trainable parameter name: {"exp_avg": t, "exp_avg_sq": t}}, the optimizer's step count):
+        full fp32 CPU tensors shaped like the parameters, the same on any world size and engine (complete on
+        rank 0 at least)."""
 
     @abstractmethod
-    def load_checkpoint(self, directory: str) -> None:
-        """Collective: restores what `save_checkpoint` wrote."""
+    def load_optimizer_state(self, state: dict[str, dict[str, torch.Tensor]], step: int) -> None:
+        """Collective: the inverse of `optimizer_state`, into this engine's shards (every rank passes all of it)."""
+
+    def restore_master_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """After a resume loaded `weights` (full fp32) into the module before wrapping: engines that keep fp32
+        master copies made from low-precision module weights (DeepSpeed bf16) set them from `weights` here."""
+
+    @abstractmethod
+    def scheduler(self) -> torch.optim.lr_scheduler.LRScheduler: ...
+
+    def load_scheduler_state(self, state: dict) -> None:
+        """Restores the schedule's position and sets the learning rate the next optimizer step uses, from this
+        run's schedule at that position (a resumed run may plan more steps than the interrupted one did)."""
+        scheduler = self.scheduler()
+        lambdas = scheduler.lr_lambdas
+        scheduler.load_state_dict(state)
+        scheduler.lr_lambdas = lambdas  # ours are closures: state_dict() leaves them out, keep this run's
+        lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
 
     def train(self) -> None:
         self.module.train()

@@ -9,12 +9,11 @@ from collections.abc import Iterator
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_grad
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_get_local_grad,
+                             safe_set_full_fp32_param, safe_set_full_optimizer_state)
 from torch import nn
 
-from spt_dist.engines.base import Engine, EngineSpec
-
-_CHECKPOINT_TAG = "engine"
+from spt_dist.engines.base import ADAM_STATE, Engine, EngineSpec
 
 
 class DeepSpeedEngine(Engine):
@@ -98,8 +97,67 @@ class DeepSpeedEngine(Engine):
             out[name] = (param.detach() if full is None else full).float().cpu().clone()
         return out
 
-    def save_checkpoint(self, directory: str) -> None:
-        self._engine.save_checkpoint(directory, tag=_CHECKPOINT_TAG)
+    def scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        return self._scheduler
 
-    def load_checkpoint(self, directory: str) -> None:
-        self._engine.load_checkpoint(directory, tag=_CHECKPOINT_TAG)
+    def _trainable(self) -> Iterator[tuple[str, nn.Parameter, bool]]:
+        """(name, parameter, whether ZeRO or the bf16 optimizer partitions its state) per trainable parameter."""
+        for name, param in self._engine.module.named_parameters():
+            if param.requires_grad:
+                yield name, param, hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
+
+    def restore_master_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        if self.input_dtype == torch.float32:
+            return  # fp32: the masters were copied from the loaded module weights, exactly
+        for name, param, partitioned in self._trainable():
+            if partitioned:
+                safe_set_full_fp32_param(param, weights[name].to(param.device))
+
+    def _link_state_fragments(self) -> None:
+        """ZeRO-1/2 and the bf16 optimizer give each parameter views of its fragment of the optimizer state
+        (what safe_get/set_full_optimizer_state read and write) only on some code paths; link them now."""
+        wrapper = self._engine.optimizer
+        if hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):
+            wrapper._hp_optimizer_states_linked = False
+            wrapper._lazy_init_hp_params_optimizer_state()
+
+    def optimizer_state(self) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+        client = self.optimizer()
+        if not client.state:  # no step taken yet
+            return {}, 0
+        self._link_state_fragments()
+        out = {}
+        for name, param, partitioned in self._trainable():
+            if partitioned:  # each rank's fragment, assembled by an all-reduce
+                out[name] = {k: safe_get_full_optimizer_state(param, k).float().cpu() for k in ADAM_STATE}
+            else:  # ZeRO-0 in fp32: the client optimizer steps the module's own parameters
+                out[name] = {k: client.state[param][k].float().cpu().clone() for k in ADAM_STATE}
+        return out, _step_count(client)
+
+    def load_optimizer_state(self, state: dict[str, dict[str, torch.Tensor]], step: int) -> None:
+        client = self.optimizer()
+        # ZeRO-3 puts its flat fp32 partitions into the client's param groups only while stepping.
+        flat = getattr(self._engine.optimizer, "fp32_partitioned_groups_flat", None)
+        _init_adam_state(client, flat or [p for group in client.param_groups for p in group["params"]], step)
+        self._link_state_fragments()
+        for name, param, partitioned in self._trainable():
+            for key in ADAM_STATE:
+                value = state[name][key].to(param.device)
+                if partitioned:
+                    safe_set_full_optimizer_state(param, value, key)
+                else:
+                    client.state[param][key].copy_(value)
+
+
+def _init_adam_state(optimizer: torch.optim.Optimizer, tensors: list[torch.Tensor], step: int) -> None:
+    """Creates AdamW's state for the tensors it steps as its first step would (it is lazy), at `step`."""
+    for p in tensors:
+        state = optimizer.state[p]
+        for key in ADAM_STATE:
+            if key not in state:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] = torch.tensor(float(step))
+
+
+def _step_count(optimizer: torch.optim.Optimizer) -> int:
+    return max(int(state["step"]) for state in optimizer.state.values())

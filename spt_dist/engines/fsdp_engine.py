@@ -7,14 +7,12 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
-from spt_dist.engines.base import Engine, EngineSpec
+from spt_dist.engines.base import ADAM_STATE, Engine, EngineSpec
 
 
 class FSDPEngine(Engine):
@@ -83,19 +81,48 @@ class FSDPEngine(Engine):
             out[name] = full.detach().float().cpu().clone()
         return out
 
-    def save_checkpoint(self, directory: str) -> None:
-        model_state, optim_state = get_state_dict(self.module, self._optimizer)
-        state = {"model": model_state, "optim": optim_state, "scheduler": self._scheduler.state_dict(),
-                 "micro_step": self._micro_step}
-        dcp.save(state, checkpoint_id=directory)
+    def scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        return self._scheduler
 
-    def load_checkpoint(self, directory: str) -> None:
-        model_state, optim_state = get_state_dict(self.module, self._optimizer)
-        state = {"model": model_state, "optim": optim_state, "scheduler": self._scheduler.state_dict(),
-                 "micro_step": self._micro_step}
-        dcp.load(state, checkpoint_id=directory)
-        set_state_dict(self.module, self._optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
-        self._scheduler.load_state_dict(state["scheduler"])
-        self._micro_step = state["micro_step"]
+    def _sharded_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The module's parameters as the optimizer holds them. After a forward without backward (evaluation)
+        the root module keeps its parameters unsharded (the root does not reshard after forward), and
+        named_parameters() would give those: reshard first."""
+        for module in self.module.modules():
+            if hasattr(module, "reshard"):
+                module.reshard()
+        return self.module.named_parameters()
+
+    def optimizer_state(self) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+        if not self._optimizer.state:  # no step taken yet
+            return {}, 0
+        out, steps = {}, 0
+        for name, param in self._sharded_parameters():  # the same order on every rank: full_tensor gathers
+            if param.requires_grad:
+                state = self._optimizer.state[param]
+                out[name] = {k: _full(state[k]).float().cpu() for k in ADAM_STATE}
+                steps = max(steps, int(state["step"]))
+        return out, steps
+
+    def load_optimizer_state(self, state: dict[str, dict[str, torch.Tensor]], step: int) -> None:
+        for name, param in self._sharded_parameters():
+            if not param.requires_grad:
+                continue
+            slot = self._optimizer.state[param]  # AdamW's state is lazy: made here as its first step would
+            slot["step"] = torch.tensor(float(step))
+            for key in ADAM_STATE:
+                full = state[name][key].to(self.module_device(param))
+                if isinstance(param, DTensor):  # this rank's shard of the full tensor, placed like the parameter
+                    slot[key] = distribute_tensor(full, param.device_mesh, param.placements)
+                else:
+                    slot[key] = full.clone()
+        self._micro_step = 0  # checkpoints are taken at accumulation boundaries
         self._set_sync()
+
+    @staticmethod
+    def module_device(param: torch.Tensor) -> torch.device:
+        return param.to_local().device if isinstance(param, DTensor) else param.device
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t  # a collective all-gather for a DTensor

@@ -54,8 +54,13 @@ class CalibrationBatches:
                 for v in range(self.views)]
 
     def __iter__(self) -> Iterator[list[dict]]:
-        """Yields, per global batch, this rank's micro-batches: [{"images": [V·m, 3, H, W], "labels": [V·m]}]
-        with the V views stacked view-major (all first views, then all second views)."""
+        return self.iterate()
+
+    def iterate(self, start: int = 0) -> Iterator[list[dict]]:
+        """Yields, per global batch from batch `start` on, this rank's micro-batches:
+        [{"images": [V·m, 3, H, W], "labels": [V·m]}] with the V views stacked view-major (all first views,
+        then all second views). The batches before `start` are read (bad samples shift the sequence) but not
+        transformed."""
         share = self.accumulation * self.micro_batch_size
         mine = range(self.rank * share, (self.rank + 1) * share)
         samples = self._samples()
@@ -67,11 +72,13 @@ class CalibrationBatches:
                     raise UserError(f"selection.batches: {self.batches} batches of {self.batch_size} need "
                                     f"{self.batches * self.batch_size} valid training samples; the shards "
                                     f"gave {b * self.batch_size + i} (skipped: {self.faults.snapshot()})")
-                if i in mine:
+                if i in mine and b >= start:
                     batch.append((self._views(sample["img"], b * self.batch_size + i), sample["label"]))
+            if b < start:
+                continue
             micro = []
-            for start in range(0, share, self.micro_batch_size):
-                part = batch[start : start + self.micro_batch_size]
+            for first in range(0, share, self.micro_batch_size):
+                part = batch[first : first + self.micro_batch_size]
                 images = [torch.stack([views[v] for views, _ in part]) for v in range(self.views)]
                 labels = torch.tensor([label for _, label in part], dtype=torch.long)
                 micro.append({"images": torch.cat(images), "labels": labels.repeat(self.views)})

@@ -8,7 +8,9 @@ disjoint and to cover every scored entry once, which `check_coverage` verifies.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +25,7 @@ from spt_dist.selection.layout import Layout
 
 SCORES_DIR = "scores"
 INDEX_FILE = "scores.json"
+PARTIAL_DIR = "partial"  # scores/partial/: a score pass's scores so far (resumable)
 
 
 @dataclass
@@ -115,3 +118,50 @@ def load_scores(run_dir: str, rank: int, world: int) -> tuple[LocalScores, dict]
                 tensor, _, start = key.rpartition("@")
                 scores.chunks.append(Chunk(tensor, int(start), f.get_tensor(key)))
     return scores, index
+
+
+def _rank_file(rank: int, world: int) -> str:
+    return f"rank-{rank:05d}-of-{world:05d}.safetensors"
+
+
+def save_partial_scores(scores: LocalScores, run_dir: str, rank: int, world: int, progress: dict) -> None:
+    """Collective: the scores so far and this rank's `progress` (JSON), replacing the previous partial save
+    as a whole: written to scores/.partial-new, then renamed (the old one moved aside first, removed last)."""
+    root = os.path.join(run_dir, SCORES_DIR)
+    new, final, old = (os.path.join(root, n) for n in (".partial-new", PARTIAL_DIR, PARTIAL_DIR + ".old"))
+    if rank == 0:
+        shutil.rmtree(new, ignore_errors=True)
+        os.makedirs(new)
+    dist.barrier()
+    tensors = {f"{c.tensor}@{c.start}": c.values.detach().cpu().contiguous() for c in scores.chunks}
+    write_safetensors(os.path.join(new, _rank_file(rank, world)), tensors, {"progress": json.dumps(progress)})
+    dist.barrier()
+    if rank == 0:
+        if os.path.isdir(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(new, final)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_partial_scores(run_dir: str, rank: int, world: int, device: torch.device) -> tuple[LocalScores, dict] | None:
+    """This rank's partial scores and progress, if a partial save of a `world`-rank pass exists."""
+    for name in (PARTIAL_DIR, PARTIAL_DIR + ".old"):  # .old: a kill between the two renames of a save
+        path = os.path.join(run_dir, SCORES_DIR, name, _rank_file(rank, world))
+        if os.path.isfile(path):
+            scores = LocalScores()
+            with safe_open(path, framework="pt") as f:
+                progress = json.loads(f.metadata()["progress"])
+                for key in f.keys():
+                    tensor, _, start = key.rpartition("@")
+                    chunk = Chunk(tensor, int(start), f.get_tensor(key).to(device))
+                    scores.chunks.append(chunk)
+                    scores._where[(tensor, int(start))] = chunk
+            return scores, progress
+    return None
+
+
+def remove_partial_scores(run_dir: str) -> None:
+    for name in (PARTIAL_DIR, PARTIAL_DIR + ".old", ".partial-new"):
+        shutil.rmtree(os.path.join(run_dir, SCORES_DIR, name), ignore_errors=True)

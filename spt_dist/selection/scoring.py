@@ -25,12 +25,13 @@ from spt_dist.data.transforms import build_contrastive_transform, build_transfor
 from spt_dist.distributed import DistInfo, all_reduce_sum
 from spt_dist.engines import EngineSpec, build_engine
 from spt_dist.engines.base import Engine
-from spt_dist.errors import UserError
+from spt_dist.errors import Stopped, UserError
 from spt_dist.models import create_model
+from spt_dist.preemption import Preemption, resume_hint
 from spt_dist.selection.calibration import CalibrationBatches
 from spt_dist.selection.layout import Layout, build_layout
 from spt_dist.selection.losses import global_batch_contrastive_loss
-from spt_dist.selection.scores import LocalScores, check_coverage
+from spt_dist.selection.scores import LocalScores, check_coverage, load_partial_scores, save_partial_scores
 
 
 class _NoStepOptimizer(torch.optim.Optimizer):
@@ -155,7 +156,10 @@ def accumulate_scores(engine: Engine, scores: LocalScores, method: str) -> None:
         scores.add_gradient(name, offset, grad, square=method == "spt")
 
 
-def run_score_pass(cfg: Config, data: Dataset, dist_info: DistInfo, say=print) -> ScorePass:
+def run_score_pass(cfg: Config, data: Dataset, dist_info: DistInfo, say=print, run_dir: str | None = None,
+                   resume: bool = False) -> ScorePass:
+    """`run_dir`: where partial scores are saved (every selection.checkpoint_every batches, and when a stop
+    signal arrives); `resume`: continue from them if they are of this same pass (setting, world size, engine)."""
     sel = cfg.selection
     run = prepare_score_pass(cfg, data, dist_info)
     engine, layout, stream, batches, world = run.engine, run.layout, run.stream, run.batches, dist_info.world_size
@@ -163,10 +167,37 @@ def run_score_pass(cfg: Config, data: Dataset, dist_info: DistInfo, say=print) -
         f"{sel.score_loss} gradients), {batches} batches of {sel.batch_size} "
         f"({stream.accumulation} x {stream.micro_batch_size} per rank), {len(layout.tensors)} tensors / "
         f"{layout.scored_params:,} entries scored")
-    scores, start, loss_sum = LocalScores(), time.perf_counter(), 0.0
-    for micro_batches in stream:
-        loss_sum += global_batch_step(engine, micro_batches, run.loss_fn, dist_info.device,
-                                      lambda: accumulate_scores(engine, scores, sel.method))
+    scores, done, loss_sum = LocalScores(), 0, 0.0
+    # What partial scores must share to be continued: the same batches, the same shards of the same tensors.
+    identity = {"method": sel.method, "loss": sel.score_loss, "model": cfg.model.name, "batches": batches,
+                "batch_size": sel.batch_size, "micro_batch_size": stream.micro_batch_size, "seed": cfg.seed,
+                "engine": cfg.engine.kind, "zero_stage": cfg.engine.zero_stage}
+    if resume and run_dir:
+        partial = load_partial_scores(run_dir, dist_info.rank, world, dist_info.device)
+        usable = partial is not None and partial[1]["identity"] == identity
+        if all_reduce_sum([float(usable)])[0] == world:
+            scores, progress = partial
+            done, loss_sum = progress["done"], progress["loss_sum"]
+            say(f"score pass: continuing from the partial scores after batch {done}/{batches}")
+        elif all_reduce_sum([float(partial is not None)])[0]:
+            say("score pass: the partial scores are of another pass (setting, world size or engine): starting over")
+    start, every = time.perf_counter(), sel.checkpoint_every
+    preemption = Preemption()
+    try:
+        for micro_batches in stream.iterate(done):
+            loss_sum += global_batch_step(engine, micro_batches, run.loss_fn, dist_info.device,
+                                          lambda: accumulate_scores(engine, scores, sel.method))
+            done += 1
+            stop = all_reduce_sum([float(preemption.requested)])[0] > 0  # every rank stops after the same batch
+            if run_dir and (stop or (every and done % every == 0 and done < batches)):
+                save_partial_scores(scores, run_dir, dist_info.rank, world,
+                                    {"identity": identity, "done": done, "loss_sum": loss_sum})
+            if stop:
+                raise Stopped(f"score pass stopped by a signal after batch {done}/{batches}; partial scores saved in "
+                              f"{run_dir}/scores/partial\n{resume_hint(run_dir)}" if run_dir else
+                              f"score pass stopped by a signal after batch {done}/{batches}")
+    finally:
+        preemption.close()
     scores.finish(absolute=sel.method == "gps")
     elapsed = time.perf_counter() - start
     check_coverage(scores, layout)

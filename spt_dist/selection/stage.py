@@ -19,19 +19,25 @@ from spt_dist.rundir import prepare_run_dir
 from spt_dist.selection.allocation import allocate
 from spt_dist.selection.layout import build_layout
 from spt_dist.selection.report import HEATMAP_PNG, save_heatmap, summary, write_allocation
-from spt_dist.selection.scores import check_coverage, load_scores, save_scores
+from spt_dist.selection.scores import check_coverage, load_scores, remove_partial_scores, save_scores
 from spt_dist.selection.scoring import run_score_pass
 
 STAGES = ("score", "allocate", "select")
 
 
 def run_selection(cfg: Config, dist_info: DistInfo, stage: str, run_dir: str | None = None,
-                  data: Dataset | None = None) -> dict:
-    """`run_dir` and `data`: those of a training run that selects first; otherwise prepared here."""
+                  data: Dataset | None = None, resume: str | None = None) -> dict:
+    """`run_dir` and `data`: those of a training run that selects first; otherwise prepared here. `resume`
+    (`latest` or a run directory): continue a score pass from its partial scores, if it saved some."""
     sel = cfg.selection
     if data is None and stage != "allocate":
         data = resolve_dataset(cfg.data)
-    run_dir = run_dir or prepare_run_dir(cfg, dist_info, stage)
+    if run_dir is None:  # a stage run alone
+        if resume == "latest" and cfg.output.name is None:
+            raise UserError("--resume latest: set output.name (without it each launch makes a new, timestamped "
+                            "run directory), or give --resume the run directory")
+        existing = None if resume in (None, "latest") else os.path.abspath(resume)
+        run_dir = prepare_run_dir(cfg, dist_info, stage, existing)
     log = RunLogger(os.path.join(run_dir, "tb") if dist_info.is_main else None, 0, False)
     say = log.write
     say(f"run directory: {run_dir}")
@@ -47,9 +53,11 @@ def run_selection(cfg: Config, dist_info: DistInfo, stage: str, run_dir: str | N
         layout = build_layout(model, sel.method)
         check_coverage(scores, layout)
     else:
-        result = run_score_pass(cfg, data, dist_info, say)
+        result = run_score_pass(cfg, data, dist_info, say, run_dir=run_dir, resume=resume is not None)
         scores, layout, info = result.scores, result.layout, dict(result.info, num_classes=data.num_classes)
         save_scores(scores, run_dir, dist_info.rank, dist_info.world_size, info)
+        if dist_info.is_main:
+            remove_partial_scores(run_dir)
         timings["score_pass_s"] = info["time_s"]
         log.scalars({"selection/score_pass_s": info["time_s"], "selection/score_loss": info["mean_loss"]}, 0)
         if stage == "score":
