@@ -74,6 +74,11 @@ def _dotted(tree: dict, key: str):
     return tree
 
 
+def _changed(saved: dict, now: dict, keys: tuple[str, ...]) -> list[str]:
+    """The dotted config keys whose values differ between two `Config.to_dict()` trees."""
+    return [key for key in keys if _dotted(saved, key) != _dotted(now, key)]
+
+
 class Trainer:
     def __init__(self, cfg: Config, dist_info: DistInfo, resume: str | None = None) -> None:
         self.cfg, self.dist = cfg, dist_info
@@ -156,10 +161,11 @@ class Trainer:
 
     def _check_resumable(self, checkpoint: Checkpoint) -> None:
         saved, now = checkpoint.state["config"], self.cfg.to_dict()
-        for key in _SAME_ON_RESUME:
-            if _dotted(saved, key) != _dotted(now, key):
-                raise UserError(f"{key}: the checkpoint {checkpoint.directory} was written with "
-                                f"{_dotted(saved, key)!r}, this run has {_dotted(now, key)!r}")
+        changed = _changed(saved, now, _SAME_ON_RESUME)
+        if changed:
+            key = changed[0]
+            raise UserError(f"{key}: the checkpoint {checkpoint.directory} was written with "
+                            f"{_dotted(saved, key)!r}, this run has {_dotted(now, key)!r}")
 
     def _load_trainable(self) -> dict[str, torch.Tensor]:
         """The checkpoint's trainable tensors, into the plain model before any engine wraps it."""
@@ -181,9 +187,9 @@ class Trainer:
         """Whether the data stream and RNG can go on exactly where the checkpoint left them."""
         if not self.checkpoint:
             return False
-        state, now = self.checkpoint.state, self.cfg.to_dict()
+        state = self.checkpoint.state
         return state["world_size"] == self.dist.world_size and \
-            all(_dotted(state["config"], k) == _dotted(now, k) for k in _SAME_DATA_ORDER)
+            not _changed(state["config"], self.cfg.to_dict(), _SAME_DATA_ORDER)
 
     def _restore(self, weights: dict[str, torch.Tensor], exact: bool) -> None:
         checkpoint, engine = self.checkpoint, self.engine

@@ -125,6 +125,11 @@ def test_sigterm_saves_a_checkpoint_and_the_resume_continues_from_it(uninterrupt
     assert 1 <= checkpoint.step < 10 and checkpoint.trainable() and checkpoint.optimizer()  # loadable
     assert sorted(p.suffix for p in saved.iterdir()) == [".json"] + [".safetensors"] * 4  # nothing pickled
 
+    # A key that decides the frozen weights must not change: one line, nothing trained.
+    refused = run_job([*args, "seed=1", "--resume", str(run_dir)], nproc=2, timeout=120)
+    assert refused.returncode != 0 and f"spt_dist: error: seed: the checkpoint {saved} was written with 0, " \
+        "this run has 1" in refused.stderr
+
     result = check(run_job([*args, "--resume", str(run_dir)], nproc=2, timeout=300))
     assert f"resumed from {saved} (step {checkpoint.step})" in result.stdout
     assert_same_run(run_dir, uninterrupted)

@@ -111,17 +111,13 @@ class FSDPEngine(Engine):
             slot = self._optimizer.state[param]  # AdamW's state is lazy: made here as its first step would
             slot["step"] = torch.tensor(float(step))
             for key in ADAM_STATE:
-                full = state[name][key].to(self.module_device(param))
+                full = state[name][key].to(param.device)  # a DTensor's device is its local shard's
                 if isinstance(param, DTensor):  # this rank's shard of the full tensor, placed like the parameter
                     slot[key] = distribute_tensor(full, param.device_mesh, param.placements)
                 else:
                     slot[key] = full.clone()
         self._micro_step = 0  # checkpoints are taken at accumulation boundaries
         self._set_sync()
-
-    @staticmethod
-    def module_device(param: torch.Tensor) -> torch.device:
-        return param.to_local().device if isinstance(param, DTensor) else param.device
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
