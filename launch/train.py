@@ -15,7 +15,9 @@ from spt_dist.errors import Stopped, UserError
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML run config (see configs/)")
+    parser.add_argument("--config", action="append", metavar="YAML",
+                        help="run config (see configs/); repeat to compose several, merged in order "
+                             "(e.g. a backbone, a method and a task file)")
     parser.add_argument("--stage", default="train", choices=["train", "score", "allocate", "select"],
                         help="train (default); score: the score pass alone (scores saved in the run directory); "
                              "allocate: the allocation from saved scores (e.g. with another selection.budget); "
@@ -56,4 +58,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything is saved and the process group is gone. Skip the interpreter's teardown: a C++ thread of the
+    # collective backends that is still joinable when static objects are destroyed aborts the process
+    # ("terminate called without an active exception", seen now and then with gloo), failing a finished job.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from spt_dist.atomic import write_text
+from spt_dist.data.benchmarks import SUITES, find_task
 from spt_dist.errors import UserError
 
 
@@ -36,18 +37,44 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_shards: str = "data/synthetic/train-{000000..000007}.tar"
-    eval_shards: str = "data/synthetic/test-{000000..000001}.tar"
+    # Shard patterns (brace ranges, globs, comma lists). None: the benchmark task's shards under `root` (see
+    # `task`), or without a task the built-in demo's synthetic set.
+    train_shards: str | None = None
+    eval_shards: str | None = None
+    root: str = "data/benchmarks"  # where `python -m spt_dist.data.shards vtab|fgvc --out <root>/<suite>` wrote
     num_classes: int | None = None  # None: read from classes.json next to the train shards
     train_samples: int | None = None  # None: read from sizes.json next to the train shards
     batch_size: int = 32  # per rank and micro-step
+    # The global batch (all ranks, all micro-steps): the papers' recipes fix this one. Set, it decides
+    # batch_size = global_batch_size / (ranks x optim.grad_accum) when the run starts.
+    global_batch_size: int | None = None
     eval_batch_size: int = 64
     workers: int = 2
     shuffle_buffer: int = 1000
     augment: bool = False  # timm's training augmentation (random resized crop, flip); off: resize only
     crop_pct: float = 1.0
+    # The benchmark task (spt_dist/data/benchmarks.py: vtab/cifar100, ..., fgvc/cub, ...): its shards are read
+    # from <root>/<suite>/<task>/ unless train_shards/eval_shards are given, GPS takes its K, and the report
+    # puts the run in its column of the papers' results table. Free text for other data sets.
+    task: str | None = None
+
+    def resolve(self) -> None:
+        """Shard patterns the task (or the demo) implies, where none are given."""
+        found = find_task(self.task) if self.task else None
+        if found:
+            suite, task = found
+            where = os.path.join(self.root, suite, task.name)
+            self.train_shards = self.train_shards or os.path.join(where, "train-*.tar")
+            self.eval_shards = self.eval_shards or os.path.join(where, "test-*.tar")
+        self.train_shards = self.train_shards or "data/synthetic/train-{000000..000007}.tar"
+        self.eval_shards = self.eval_shards or "data/synthetic/test-{000000..000001}.tar"
 
     def validate(self) -> None:
+        known_suite = self.task is not None and self.task.split("/")[0] in SUITES
+        _check(not known_suite or find_task(self.task) is not None, "data.task", self.task,
+               "unknown task of that suite (spt_dist/data/benchmarks.py lists them)")
+        _check(self.global_batch_size is None or self.global_batch_size > 0, "data.global_batch_size",
+               self.global_batch_size, "must be > 0")
         for key in ("batch_size", "eval_batch_size"):
             _check(getattr(self, key) > 0, f"data.{key}", getattr(self, key), "must be > 0")
         _check(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
@@ -103,8 +130,9 @@ class SelectionConfig:
     module_rank: int = 8
     alpha: float = 10.0  # a matrix gets the module when picks >= module cost / alpha
     beta: float = 5.0  # a vector is tuned fully when picks >= length / beta
-    # GPS allocation: the top-k inputs of every output row of every eligible weight.
-    k: int = 1
+    # GPS allocation: the top-k inputs of every output row of every eligible weight. None: data.task's K (the
+    # GPS paper's per-task value), else 1.
+    k: int | None = None
     # Score pass: save the partial scores every so many calibration batches (resumable with --resume); 0: off.
     checkpoint_every: int = 0
 
@@ -139,7 +167,7 @@ class SelectionConfig:
         _check(self.module_rank > 0, "selection.module_rank", self.module_rank, "must be > 0")
         _check(self.alpha > 0, "selection.alpha", self.alpha, "must be > 0")
         _check(self.beta > 0, "selection.beta", self.beta, "must be > 0")
-        _check(self.k > 0, "selection.k", self.k, "must be > 0")
+        _check(self.k is None or self.k > 0, "selection.k", self.k, "must be > 0")
         _check(self.checkpoint_every >= 0, "selection.checkpoint_every", self.checkpoint_every, "must be >= 0")
 
 
@@ -197,8 +225,10 @@ class OutputConfig:
     keep_last: int = 3  # complete checkpoints kept (older ones removed after a newer is complete); 0: all
     log_samples: bool = False  # write each step's sample keys per rank to samples/rank_RRRRR.txt (data audits)
     progress: bool = True
+    peak_tflops: float | None = None  # a device's peak TFLOP/s for MFU; None: known GPUs by name (none on CPU)
 
     def validate(self) -> None:
+        _check(self.peak_tflops is None or self.peak_tflops > 0, "output.peak_tflops", self.peak_tflops, "must be > 0")
         _check(self.log_every > 0, "output.log_every", self.log_every, "must be > 0")
         _check(self.eval_every > 0, "output.eval_every", self.eval_every, "must be > 0")
         _check(self.checkpoint_every >= 0, "output.checkpoint_every", self.checkpoint_every, "must be >= 0")
@@ -223,6 +253,7 @@ class Config:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.validate()
+        self.data.resolve()
         self._resolve_selection()
 
     def _resolve_selection(self) -> None:
@@ -236,6 +267,9 @@ class Config:
             _check(sel.structured in (None, implied.structured) or implied.method == "gps", "selection.structured",
                    sel.structured, f"method.name {name} needs {implied.structured}")
         self.selection = sel.resolved(name)
+        if self.selection.k is None:
+            found = find_task(self.data.task) if self.data.task else None
+            self.selection.k = found[1].gps_k if found else 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -246,21 +280,14 @@ def _check(ok: bool, key: str, value: Any, why: str) -> None:
         raise UserError(f"{key}: {why} (got {value!r})")
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Reads a YAML file (optional), applies `a.b=value` overrides, builds and validates a Config."""
+def load_config(paths: str | list[str] | tuple[str, ...] | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Reads YAML files (none, one or several: merged in order, later keys win, sections merged key by key),
+    applies `a.b=value` overrides, builds and validates a Config. Several files compose a run from parts,
+    e.g. configs/backbones/vit_h14.yaml + configs/methods/spt_lora.yaml + configs/vtab/cifar100.yaml."""
     raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise UserError(f"--config: no such file '{path}'") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise UserError(f"--config: '{path}'{where} is not valid YAML") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"--config: '{path}' must hold a mapping of sections, not {type(raw).__name__}")
+    for path in [paths] if isinstance(paths, str) else paths or ():
+        _merge(raw, _read_yaml(path))
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -269,6 +296,30 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     cfg = _build(Config, raw, prefix="")
     cfg.validate()
     return cfg
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except (FileNotFoundError, IsADirectoryError):
+        raise UserError(f"--config: no such file '{path}'") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"--config: '{path}'{where} is not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"--config: '{path}' must hold a mapping of sections, not {type(raw).__name__}")
+    return raw
+
+
+def _merge(into: dict[str, Any], update: dict[str, Any]) -> None:
+    """Deep merge: sections (mappings) key by key, anything else replaced."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def save_config(cfg: Config, path: str) -> None:

@@ -16,20 +16,27 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class Throughput:
-    """Images per second over the window since the last `rate()` call."""
+    """Images per second, and the share of the time spent waiting for data, over the window since the last
+    `window()` call."""
 
     def __init__(self) -> None:
         self._images = 0
+        self._data_wait = 0.0
         self._start = time.perf_counter()
 
     def add(self, images: int) -> None:
         self._images += images
 
-    def rate(self) -> float:
+    def waited(self, seconds: float) -> None:
+        self._data_wait += seconds
+
+    def window(self) -> tuple[float, float]:
+        """(images/s, data-wait share) since the last call."""
         now = time.perf_counter()
-        rate = self._images / max(now - self._start, 1e-9)
-        self._images, self._start = 0, now
-        return rate
+        elapsed = max(now - self._start, 1e-9)
+        result = self._images / elapsed, self._data_wait / elapsed
+        self._images, self._data_wait, self._start = 0, 0.0, now
+        return result
 
 
 class RunLogger:

@@ -1,7 +1,7 @@
 """Model factory: timm Vision Transformers by name, weights only from a local file, head sized to the data.
 
 Nothing is downloaded: models are built with `pretrained=False` and, when `model.checkpoint` is set, loaded
-from that file (safetensors, or a torch file read with `weights_only=True`). The tiny test ViT is registered
+from that file (safetensors, or a torch file read with `weights_only=True`). The tiny test ViTs are registered
 with timm so that `timm.create_model("vit_test_tiny_patch8_32", checkpoint_path=...)` works like any other.
 """
 
@@ -17,12 +17,14 @@ from timm.models.vision_transformer import VisionTransformer, _create_vision_tra
 from spt_dist.errors import UserError
 
 # timm's registry reads `default_cfgs` from the module that defines a registered model.
+_TEST_CFG = {
+    "url": "", "num_classes": 10, "input_size": (3, 32, 32), "crop_pct": 1.0,
+    "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj",
+    "classifier": "head",
+}
 default_cfgs = generate_default_cfgs({
-    "vit_test_tiny_patch8_32.untrained": {
-        "url": "", "num_classes": 10, "input_size": (3, 32, 32), "crop_pct": 1.0,
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj",
-        "classifier": "head",
-    },
+    "vit_test_tiny_patch8_32.untrained": _TEST_CFG,
+    "vit_test_small_patch8_32.untrained": _TEST_CFG,
 })
 
 
@@ -31,6 +33,13 @@ def vit_test_tiny_patch8_32(pretrained: bool = False, **kwargs) -> VisionTransfo
     """A 2-block, 64-wide ViT on 32 px images: the model of the tests and the built-in demo."""
     args = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0)
     return _create_vision_transformer("vit_test_tiny_patch8_32", pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vit_test_small_patch8_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """A 3-block, 96-wide ViT on 32 px images: the tiny ViT's bigger sibling, for backbone-size sweeps on CPU."""
+    args = dict(img_size=32, patch_size=8, embed_dim=96, depth=3, num_heads=3, mlp_ratio=2.0)
+    return _create_vision_transformer("vit_test_small_patch8_32", pretrained=pretrained, **dict(args, **kwargs))
 
 
 def supported_models() -> list[str]:

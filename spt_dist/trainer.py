@@ -24,6 +24,7 @@ from spt_dist.data.transforms import build_transforms
 from spt_dist.distributed import DistInfo, all_gather_float, all_reduce_sum
 from spt_dist.engines import EngineSpec, build_engine
 from spt_dist.errors import Stopped, UserError
+from spt_dist.flops import count_flops, peak_tflops
 from spt_dist.metrics import RunLogger, Throughput, peak_memory_gib
 from spt_dist.models import create_model
 from spt_dist.optim import build_scheduler
@@ -68,6 +69,22 @@ _SAME_DATA_ORDER = ("seed", "data.train_shards", "data.batch_size", "data.worker
 _MAX_SKIPS_IN_A_ROW = 10  # optim.nonfinite=skip: beyond this the weights are likely broken; stop
 
 
+def _set_batch_size_from_global(cfg: Config, world_size: int) -> None:
+    """data.global_batch_size (the recipes' batch) -> data.batch_size, per rank and micro-step, on this world size."""
+    total = cfg.data.global_batch_size
+    if total is None:
+        return
+    shares = world_size * cfg.optim.grad_accum
+    if total % shares:
+        raise UserError(f"data.global_batch_size: {total} does not split evenly over {world_size} ranks x "
+                        f"optim.grad_accum {cfg.optim.grad_accum}")
+    cfg.data.batch_size = total // shares
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def _dotted(tree: dict, key: str):
     for part in key.split("."):
         tree = tree[part]
@@ -88,6 +105,7 @@ class Trainer:
         require_shards(data.train_shards, dist_info.world_size, cfg.data.workers)
         self.train_shards, self.eval_shards, num_classes = data.train_shards, data.eval_shards, data.num_classes
         self.num_classes = num_classes
+        _set_batch_size_from_global(cfg, dist_info.world_size)
         self.schedule = Schedule.plan(cfg, data.train_samples, dist_info.world_size)
 
         self.run_dir, checkpoint_dir = open_run(cfg, dist_info, "train", resume)
@@ -101,11 +119,14 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = create_model(cfg.model.name, num_classes, checkpoint=cfg.model.checkpoint,
                              img_size=cfg.model.img_size, drop_path_rate=cfg.model.drop_path_rate)
+        self.backbone_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("head."))
         self.model = self._apply_method(model)
         resumed_weights = self._load_trainable() if self.checkpoint else None
         self.input_size = tuple(model.patch_embed.img_size)
         self.trainable_report = format_trainable_parameters(self.model)
         self.trainable, self.total_params = trainable_parameters(self.model)
+        self.flops = count_flops(cfg.model.name, num_classes, cfg.method.name, cfg.model.img_size)
+        self.peak_tflops = cfg.output.peak_tflops or peak_tflops(dist_info.device, cfg.engine.precision)
         train_tf, eval_tf = build_transforms(self.model, cfg.data)
         torch.manual_seed(cfg.seed + dist_info.rank)  # per-rank randomness (dropout) from here on
 
@@ -254,12 +275,17 @@ class Trainer:
         batches = iter(self.train_stream)
         throughput, window_loss, window_count = Throughput(), 0.0, 0
         train_start, eval_time, eval_result, eval_step = time.perf_counter(), 0.0, {}, None
+        data_wait = 0.0
         step = self.start_step
         engine.train()
         while step < sched.total_steps:
             nonfinite, keys = 0, []
             for micro in range(cfg.optim.grad_accum):
+                waiting = time.perf_counter()
                 batch = next(batches)
+                waited = time.perf_counter() - waiting
+                throughput.waited(waited)
+                data_wait += waited
                 images = batch["images"].to(self.dist.device, engine.input_dtype, non_blocking=True)
                 labels = batch["labels"].to(self.dist.device, non_blocking=True)
                 loss = F.cross_entropy(engine.module(images).float(), labels)
@@ -283,11 +309,10 @@ class Trainer:
                 # Collective at the same steps on every rank: the loss averaged over ranks and the window.
                 loss_sum, count = all_reduce_sum([window_loss, float(window_count)])
                 mean_loss = loss_sum / max(count, 1.0)
-                rate = throughput.rate()
-                self.log.scalars({"train/loss": mean_loss, "train/lr": engine.lr(), "perf/images_per_s": rate,
-                                  "perf/images_per_s_per_rank": rate / self.dist.world_size,
+                rate, data_share = throughput.window()  # rank 0's view: ranks run in lockstep
+                self.log.scalars({"train/loss": mean_loss, "train/lr": engine.lr(), "train/skipped_steps": self.skipped_steps,
                                   "perf/peak_memory_gib": peak_memory_gib(self.dist.device),
-                                  "train/skipped_steps": self.skipped_steps}, step)
+                                  **self._throughput(rate, data_share, prefix="perf/")}, step)
                 self.log.progress(0, {"loss": f"{mean_loss:.4f}", "lr": f"{engine.lr():.2e}", "img/s": f"{rate:.0f}"})
                 window_loss, window_count = 0.0, 0
             epoch_end = step % sched.steps_per_epoch == 0
@@ -316,11 +341,14 @@ class Trainer:
         faults = self._data_faults()
         images = (step - self.start_step) * cfg.data.batch_size * cfg.optim.grad_accum * self.dist.world_size
         summary = {"steps": step, "epochs": sched.epochs, "world_size": self.dist.world_size,
+                   "device": _device_name(self.dist.device), "precision": cfg.engine.precision,
                    "top1": eval_result.get("top1"), "eval_samples": eval_result.get("samples"),
                    "train_time_s": train_time, "eval_time_s": eval_time,
-                   "images_per_s": images / train_time if images else None,
+                   **(self._throughput(images / train_time, data_wait / train_time) if images else {"images_per_s": None}),
+                   "forward_flops_per_image": self.flops.forward, "train_flops_per_image": self.flops.train,
                    "peak_memory_gib": max(all_gather_float(peak_memory_gib(self.dist.device))),
                    "trainable_params": self.trainable, "total_params": self.total_params,
+                   "backbone_params": self.backbone_params,
                    "optimizer_state_bytes": int(all_reduce_sum([float(engine.optimizer_state_bytes())])[0]),
                    "skipped_samples": faults, "skipped_steps": self.skipped_steps,
                    "resumed_from_step": self.start_step if self.checkpoint else None}
@@ -329,11 +357,25 @@ class Trainer:
             write_json(os.path.join(self.run_dir, "metrics.json"), summary)
         self.log.scalars({f"data/skipped_{k}": v for k, v in faults.items()}, step)
         self.log.close()
-        rate = f"{summary['images_per_s']:.1f} images/s" if images else "no steps left to train"
+        rate = "no steps left to train"
+        if images:
+            rate = (f"{summary['images_per_s']:.1f} images/s ({summary['tflops_per_device']:.3g} TFLOP/s per device"
+                    f"{', MFU ' + format(summary['mfu'], '.1%') if summary['mfu'] is not None else ''}, "
+                    f"{summary['data_wait_share']:.0%} waiting for data)")
         self._say(f"done: top1 {summary['top1']:.2f}% | {rate} | "
                   f"peak memory {summary['peak_memory_gib']:.2f} GiB/rank | skipped samples {faults or 'none'}\n"
                   f"run directory: {self.run_dir}\ntensorboard:   tensorboard --logdir {os.path.join(self.run_dir, 'tb')}")
         return summary
+
+    def _throughput(self, images_per_s: float, data_share: float, prefix: str = "") -> dict[str, float | None]:
+        """images/s in all and per device, achieved TFLOP/s per device, MFU (where the peak is known) and the
+        share of the time spent waiting for data."""
+        per_device = images_per_s / self.dist.world_size
+        tflops = per_device * self.flops.train / 1e12
+        mfu = tflops / self.peak_tflops if self.peak_tflops else None
+        values = {"images_per_s": images_per_s, "images_per_s_per_device": per_device,
+                  "tflops_per_device": tflops, "mfu": mfu, "data_wait_share": data_share}
+        return {prefix + k: v for k, v in values.items() if v is not None or not prefix}
 
     def _agree_before_update(self, step: int, nonfinite: int) -> None:
         """Collective, once per optimizer step, after the last backward and before the update: did any rank

@@ -24,6 +24,7 @@ import itertools
 import logging
 import os
 import random
+import signal
 import tarfile
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -374,8 +375,10 @@ def _identity(x):
 def _own_process_group(worker_id: int) -> None:  # noqa: ARG001
     """A DataLoader worker leaves its rank's process group: torchrun passes SIGTERM to each rank's whole group,
     and a worker killed by it would fail the rank before the rank could save its checkpoint. The worker still
-    stops with its rank (the DataLoader shuts it down, and it exits by itself once its rank is gone)."""
+    stops with its rank (the DataLoader shuts it down, and it exits by itself once its rank is gone).
+    Slurm's `--signal` reaches every process of a job step, workers included: they leave SIGUSR1 to the rank."""
     os.setsid()
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _loader(dataset: IterableDataset, workers: int, pin_memory: bool, persistent: bool) -> DataLoader:

@@ -6,7 +6,12 @@ On-disk format (one directory per data set):
   classes.json         ["name0", "name1", ...]: class names, index = label
 
 CLI:  python -m spt_dist.data.shards folder --src DIR --out DIR [--split train] ...
+      python -m spt_dist.data.shards list --root DIR --list FILE [--list FILE ...] --out DIR --split NAME ...
+      python -m spt_dist.data.shards vtab --root VTAB_1K_DIR --out DIR [--tasks cifar100,dtd] [--protocol val]
+      python -m spt_dist.data.shards fgvc --root FGVC_DIR --out DIR [--tasks cub,dogs] [--protocol val]
       python -m spt_dist.data.shards synthetic --out DIR [--classes 10] ...
+  `list` reads split files (.txt, .csv, .json: see `list --help`); `vtab` and `fgvc` run it over the usual
+  layouts of the benchmarks (VTAB-1k as NOAH/SPT ship it, FGVC as VPT does) into DIR/<task>/.
 
 Deliberately torch-free (numpy + PIL only) so the CLI starts fast.
 """
@@ -15,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import csv
 import io
+import itertools
 import json
 import os
 import random
@@ -23,18 +30,21 @@ import re
 import sys
 import tarfile
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
 from spt_dist.atomic import atomic_file, write_json
+from spt_dist.data.benchmarks import SUITES, Task
 from spt_dist.errors import UserError
 
 IMAGE_EXTS = ("png", "jpg")
 SIZES_FILE = "sizes.json"
 CLASSES_FILE = "classes.json"
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
-_FOLDER_EXTS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}  # jpeg bytes are kept, only the suffix is normalised
+# Image files whose bytes are stored as they are (only the suffix is normalised); others are re-encoded as PNG.
+_KEPT_EXTS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
 
 Sample = tuple[str, bytes, str, int]  # (key, image bytes, "png"|"jpg", label)
 
@@ -78,97 +88,382 @@ def read_json(path: str, default=None):
         raise UserError(f"{path}: cannot read JSON ({e})") from None
 
 
-def write_split(samples: Iterable[Sample], out_dir: str, split: str, samples_per_shard: int) -> list[str]:
-    """Write `samples` as out_dir/{split}-{i:06d}.tar shards; update sizes.json. Returns the shard file names.
+def shard_sizes(total: int, samples_per_shard: int | None = None, num_shards: int | None = None) -> list[int]:
+    """Samples in each shard of a split of `total`: `samples_per_shard` each (the last one takes the rest), or
+    exactly `num_shards` shards as even as possible (a run needs at least ranks x loader workers train shards)."""
+    if num_shards is not None:
+        if not 1 <= num_shards <= total:
+            raise UserError(f"--num-shards: {num_shards} shards for {total} samples; must be in [1, {total}]")
+        base, extra = divmod(total, num_shards)
+        return [base + 1] * extra + [base] * (num_shards - extra)
+    if samples_per_shard is None or samples_per_shard < 1:
+        raise UserError(f"--samples-per-shard: must be >= 1, got {samples_per_shard}")
+    full, rest = divmod(total, samples_per_shard)
+    return [samples_per_shard] * full + ([rest] if rest else [])
+
+
+def write_split(samples: Iterable[Sample], out_dir: str, split: str, sizes: list[int]) -> list[str]:
+    """Write `samples` as out_dir/{split}-{i:06d}.tar shards of `sizes` samples each (see shard_sizes); update
+    sizes.json. Returns the shard file names.
 
     Streams: at most one shard of samples is held in memory. Shards of the same split left over from an
     earlier, larger run are deleted so a glob over the directory never mixes two runs.
     """
     if not _SPLIT_RE.match(split):
         raise UserError(f"--split: {split!r} must be letters, digits or '_'")
-    if samples_per_shard < 1:
-        raise UserError(f"--samples-per-shard: must be >= 1, got {samples_per_shard}")
-    os.makedirs(out_dir, exist_ok=True)
-    names: list[str] = []
-    sizes: dict[str, int] = {}
-    pending: list[Sample] = []
-
-    def flush() -> None:
-        name = f"{split}-{len(names):06d}.tar"
-        _write_shard(os.path.join(out_dir, name), pending)
-        names.append(name)
-        sizes[name] = len(pending)
-        pending.clear()
-
-    for sample in samples:
-        _check_sample(sample)
-        pending.append(sample)
-        if len(pending) == samples_per_shard:
-            flush()
-    if pending:
-        flush()
-    if not names:
+    if not sizes:
         raise UserError(f"split '{split}': no samples to write")
+    os.makedirs(out_dir, exist_ok=True)
+    shard_sizes_written: dict[str, int] = {}
+    stream = iter(samples)
+    for i, size in enumerate(sizes):
+        shard = list(itertools.islice(stream, size))
+        if len(shard) != size:
+            raise ValueError(f"split '{split}': {len(shard)} samples left for shard {i} of {size}")
+        for sample in shard:
+            _check_sample(sample)
+        name = f"{split}-{i:06d}.tar"
+        _write_shard(os.path.join(out_dir, name), shard)
+        shard_sizes_written[name] = size
+    if next(stream, None) is not None:
+        raise ValueError(f"split '{split}': more samples than the {sum(sizes)} planned")
 
     ours = re.compile(rf"^{split}-\d{{6}}\.tar$")
-    for stale in sorted(n for n in os.listdir(out_dir) if ours.match(n) and n not in sizes):
+    for stale in sorted(n for n in os.listdir(out_dir) if ours.match(n) and n not in shard_sizes_written):
         os.unlink(os.path.join(out_dir, stale))
     sizes_path = os.path.join(out_dir, SIZES_FILE)
     merged = {k: v for k, v in read_json(sizes_path, {}).items() if not ours.match(k)}
-    merged.update(sizes)
+    merged.update(shard_sizes_written)
     write_json(sizes_path, dict(sorted(merged.items())))
-    return names
+    return list(shard_sizes_written)
 
 
 def write_classes(out_dir: str, names: list[str]) -> None:
     write_json(os.path.join(out_dir, CLASSES_FILE), names)
 
 
+# --------------------------------------------------------------------------- image files (folder, list, presets)
+
+
+class ImageFile(NamedTuple):
+    path: str
+    label: int
+    where: str  # what an error about this image names: "--src", or the split list's "FILE:LINE" / "FILE: key 'K'"
+
+
+def _image_bytes(image: ImageFile) -> tuple[bytes, str]:
+    ext = _KEPT_EXTS.get(os.path.splitext(image.path)[1].lower())
+    try:
+        if ext:
+            with open(image.path, "rb") as f:
+                return f.read(), ext
+        # PNG is lossless, and the loader decodes every image to RGB anyway.
+        with Image.open(image.path) as im:
+            buf = io.BytesIO()
+            im.convert("RGB").save(buf, format="PNG")
+            return buf.getvalue(), "png"
+    except OSError as e:
+        raise UserError(f"{image.where}: cannot read image '{image.path}' ({e})") from None
+
+
+class ImageSamples:
+    """The samples of image files in a seed-shuffled order, read lazily; their number is known before any image
+    is read, so the shard sizes can be planned (--num-shards)."""
+
+    def __init__(self, files: Iterable[ImageFile], split: str, seed: int) -> None:
+        self.files = list(files)
+        # Shuffle before sharding so every shard mixes classes (shard-level shuffling at train time relies on it).
+        random.Random(seed).shuffle(self.files)
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __iter__(self) -> Iterator[Sample]:
+        for i, image in enumerate(self.files):
+            yield f"{self.split}_{i:08d}", *_image_bytes(image), image.label
+
+
+def write_image_split(out: str, split: str, classes: list[str], samples: ImageSamples, sizes: list[int],
+                      source: str) -> None:
+    """Shard one split (`sizes`: see shard_sizes) and write classes.json; `source` names the input in errors."""
+    existing = read_json(os.path.join(out, CLASSES_FILE), None)
+    other_splits = [k for k in read_json(os.path.join(out, SIZES_FILE), {}) if not k.startswith(f"{split}-")]
+    # Labels are indices into classes.json: another split written with different classes would be mislabelled.
+    if existing is not None and existing != classes and other_splits:
+        raise UserError(f"{source}: classes differ from {os.path.join(out, CLASSES_FILE)} "
+                        f"(used by {other_splits[0]}); write to a fresh --out")
+    names = write_split(samples, out, split, sizes)
+    write_classes(out, classes)
+    _report(out, split, names)
+
+
 # --------------------------------------------------------------------------- ImageFolder
 
 
-def folder_samples(src: str, split: str, seed: int) -> tuple[list[str], Iterator[Sample]]:
-    """Classes (sorted sub-directory names) and a seed-shuffled sample iterator for an ImageFolder tree."""
+def folder_samples(src: str, split: str, seed: int) -> tuple[list[str], ImageSamples]:
+    """Classes (sorted sub-directory names) and the seed-shuffled samples of an ImageFolder tree."""
     if not os.path.isdir(src):
         raise UserError(f"--src: no such directory '{src}'")
     classes = sorted(d.name for d in os.scandir(src) if d.is_dir() and not d.name.startswith("."))
-    files: list[tuple[str, str, int]] = []
+    files: list[ImageFile] = []
     for label, name in enumerate(classes):
         for root, dirs, fnames in os.walk(os.path.join(src, name)):
             dirs.sort()  # os.walk order is file-system dependent; sorting makes the seeded shuffle reproducible
             for fname in sorted(fnames):
-                ext = _FOLDER_EXTS.get(os.path.splitext(fname)[1].lower())
-                if ext and not fname.startswith("."):
-                    files.append((os.path.join(root, fname), ext, label))
+                if os.path.splitext(fname)[1].lower() in _KEPT_EXTS and not fname.startswith("."):
+                    files.append(ImageFile(os.path.join(root, fname), label, "--src"))
     if not files:
         raise UserError(f"--src: no .jpg/.jpeg/.png images in class sub-directories of '{src}'")
-    # Shuffle before sharding so every shard mixes classes (shard-level shuffling at train time relies on it).
-    random.Random(seed).shuffle(files)
-
-    def read() -> Iterator[Sample]:
-        for i, (path, ext, label) in enumerate(files):
-            with open(path, "rb") as f:
-                yield f"{split}_{i:08d}", f.read(), ext, label
-
-    return classes, read()
+    return classes, ImageSamples(files, split, seed)
 
 
 def _cmd_folder(args: argparse.Namespace) -> None:
     classes, samples = folder_samples(args.src, args.split, args.seed)
-    sizes = read_json(os.path.join(args.out, SIZES_FILE), {})
-    existing = read_json(os.path.join(args.out, CLASSES_FILE), None)
-    other_splits = [k for k in sizes if not k.startswith(f"{args.split}-")]
-    # Labels are indices into classes.json: another split written with different classes would be mislabelled.
-    if existing is not None and existing != classes and other_splits:
-        raise UserError(
-            f"--src: classes of '{args.src}' differ from {os.path.join(args.out, CLASSES_FILE)} "
-            f"(used by {other_splits[0]}); write to a fresh --out"
-        )
-    names = write_split(samples, args.out, args.split, args.samples_per_shard)
-    write_classes(args.out, classes)
-    _report(args.out, args.split, names)
+    sizes = shard_sizes(len(samples), args.samples_per_shard, args.num_shards)
+    write_image_split(args.out, args.split, classes, samples, sizes, f"--src '{args.src}'")
 
 
+# --------------------------------------------------------------------------- split lists
+
+PATH_COLUMNS = ("path", "filepath", "file", "filename", "image", "image_path", "img")
+LABEL_COLUMNS = ("label", "class_id", "class", "target", "category_id")
+_INT_RE = re.compile(r"^[+-]?\d+$")
+
+
+class ListedImage(NamedTuple):
+    path: str  # relative to the image root
+    label: str  # as written: a class index or a class name
+    where: str  # "FILE:LINE", "FILE: key 'K'" or "FILE: item I", for errors
+
+
+def _require_file(path: str, what: str) -> None:
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: {what} not found")
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (spreadsheet exports) is not text
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+
+
+def _pick_column(available: Iterable[str], candidates: tuple[str, ...], given: str | None, flag: str,
+                 where: str) -> str:
+    available = list(available)
+    if given is not None:
+        if given not in available:
+            raise UserError(f"{where}: no '{given}' ({flag}) among {available}")
+        return given
+    found = next((c for c in candidates if c in available), None)
+    if found is None:
+        raise UserError(f"{where}: none of {', '.join(candidates)} among {available}; name it with {flag}")
+    return found
+
+
+def _read_txt(path: str) -> list[ListedImage]:
+    rows = []
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.strip().rsplit(maxsplit=1)  # on the last whitespace: paths may contain spaces
+        if len(parts) != 2:
+            raise UserError(f"{path}:{n}: expected 'IMAGE_PATH LABEL', got {line.strip()!r}")
+        rows.append(ListedImage(parts[0], parts[1], f"{path}:{n}"))
+    return rows
+
+
+def _read_csv(path: str, path_column: str | None, label_column: str | None) -> list[ListedImage]:
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    header = reader.fieldnames or []
+    path_key = _pick_column(header, PATH_COLUMNS, path_column, "--path-column", f"{path}:1")
+    label_key = _pick_column(header, LABEL_COLUMNS, label_column, "--label-column", f"{path}:1")
+    rows = []
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        image, label = (row.get(path_key) or "").strip(), (row.get(label_key) or "").strip()
+        if not image or not label:
+            raise UserError(f"{where}: empty or missing '{path_key}' or '{label_key}'")
+        rows.append(ListedImage(image, label, where))
+    return rows
+
+
+def _json_label(value: object, where: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise UserError(f"{where}: label {value!r} is neither an integer nor a class name")
+    return str(value)
+
+
+def _json_object(item: object, where: str, path_column: str | None,
+                 label_column: str | None) -> tuple[str, object, object]:
+    """(where, image path, label) of one object of a JSON list."""
+    if not isinstance(item, dict):
+        raise UserError(f"{where}: must be an object with an image path and a label")
+    return (where, item[_pick_column(item, PATH_COLUMNS, path_column, "--path-column", where)],
+            item[_pick_column(item, LABEL_COLUMNS, label_column, "--label-column", where)])
+
+
+def _read_json_list(path: str, path_column: str | None, label_column: str | None) -> list[ListedImage]:
+    data = read_json(path)
+    if isinstance(data, dict):  # VPT's FGVC splits: {"relative/path.jpg": label}
+        items = [(f"{path}: key '{image}'", image, label) for image, label in data.items()]
+    elif isinstance(data, list):
+        items = [_json_object(item, f"{path}: item {i}", path_column, label_column) for i, item in enumerate(data)]
+    else:
+        raise UserError(f"{path}: must be a mapping {{image path: label}} or a list of objects")
+    rows = []
+    for where, image, label in items:
+        if not isinstance(image, str) or not image:
+            raise UserError(f"{where}: image path {image!r} is not a non-empty string")
+        rows.append(ListedImage(image, _json_label(label, where), where))
+    return rows
+
+
+def read_list(path: str, path_column: str | None = None, label_column: str | None = None) -> list[ListedImage]:
+    """Split list formats, image paths relative to --root:
+  .txt   lines 'relative/path label' (VTAB-1k as NOAH/SPT ship it), split on the last whitespace; blank lines skipped
+  .csv   a header row; the path column is the first of path, filepath, file, filename, image, image_path, img,
+         the label column the first of label, class_id, class, target, category_id (or --path-column/--label-column)
+  .json  {"relative/path.jpg": label} (VPT's FGVC splits), or a list of objects with keys as for .csv
+Labels are class indices, or class names: indices by the sorted distinct names, or by --class-names."""
+    _require_file(path, "split list")
+    kind = os.path.splitext(path)[1].lower()
+    if kind == ".txt":
+        return _read_txt(path)
+    if kind == ".csv":
+        return _read_csv(path, path_column, label_column)
+    if kind == ".json":
+        return _read_json_list(path, path_column, label_column)
+    raise UserError(f"{path}: unknown split list format '{kind}'; use .txt, .csv or .json")
+
+
+def read_class_names(path: str) -> list[str]:
+    """--class-names: one name per line, or a JSON list (such as another data set's classes.json)."""
+    _require_file(path, "--class-names file")
+    if path.lower().endswith(".json"):
+        names = read_json(path)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise UserError(f"{path}: must be a JSON list of class names")
+    else:
+        names = [line.strip() for line in _read_text(path).splitlines() if line.strip()]
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise UserError(f"{path}: need at least 2 class names, each once")
+    return names
+
+
+def _labels(rows: list[ListedImage], classes: int | None, class_names: list[str] | None,
+            source: str) -> tuple[list[str], list[int]]:
+    """Class names and an index label per row: labels are indices if all are integers, else class names."""
+    if all(_INT_RE.match(row.label) for row in rows):
+        labels = [int(row.label) for row in rows]
+        names = class_names or [str(c) for c in range(classes or max(labels) + 1)]
+        for row, label in zip(rows, labels):
+            if not 0 <= label < len(names):
+                raise UserError(f"{row.where}: label {label} out of range [0, {len(names)})")
+        return names, labels
+    names = class_names or sorted({row.label for row in rows})
+    if class_names is None and classes is not None and len(names) != classes:
+        # A split may lack some classes: indices from its names alone would not match the other splits'.
+        raise UserError(f"{source}: {len(names)} distinct class names, but --classes {classes}; "
+                        "give all names in order with --class-names")
+    index = {name: i for i, name in enumerate(names)}
+    for row in rows:
+        if row.label not in index:
+            raise UserError(f"{row.where}: label '{row.label}' is not one of the --class-names")
+    return names, [index[row.label] for row in rows]
+
+
+def list_files(root: str, lists: list[str], *, classes: int | None = None, class_names: list[str] | None = None,
+               path_column: str | None = None, label_column: str | None = None) -> tuple[list[str], list[ImageFile]]:
+    """Class names and the image files of split lists, concatenated in order. Checks every image exists before
+    any is read, so a bad list fails before a shard is written."""
+    rows = [row for path in lists for row in read_list(path, path_column, label_column)]
+    if not rows:
+        raise UserError(f"{', '.join(lists)}: no images listed")
+    names, labels = _labels(rows, classes, class_names, ", ".join(lists))
+    files: list[ImageFile] = []
+    first_listed: dict[str, str] = {}
+    for row, label in zip(rows, labels):
+        path = os.path.normpath(os.path.join(root, row.path))
+        if not os.path.isfile(path):
+            raise UserError(f"{row.where}: image not found: '{path}'")
+        if path in first_listed:  # e.g. train800val200.txt given together with val200.txt
+            raise UserError(f"{row.where}: '{row.path}' is listed twice (first at {first_listed[path]})")
+        first_listed[path] = row.where
+        files.append(ImageFile(path, label, row.where))
+    return names, files
+
+
+def _cmd_list(args: argparse.Namespace) -> None:
+    if args.classes is not None and args.classes < 2:
+        raise UserError(f"--classes: must be >= 2, got {args.classes}")
+    class_names = read_class_names(args.class_names) if args.class_names else None
+    names, files = list_files(args.root, args.list, classes=args.classes, class_names=class_names,
+                              path_column=args.path_column, label_column=args.label_column)
+    sizes = shard_sizes(len(files), args.samples_per_shard, args.num_shards)
+    samples = ImageSamples(files, args.split, args.seed)
+    write_image_split(args.out, args.split, names, samples, sizes, ", ".join(args.list))
+
+
+# --------------------------------------------------------------------------- benchmark presets
+
+# Split lists per (suite, protocol): `test` trains on train + val and tests on the test split (the papers'
+# protocol); `val` trains on train alone and evaluates on val (hyper-parameter search).
+PRESET_SPLITS = {
+    ("vtab", "test"): (("train", ("train800val200.txt",)), ("test", ("test.txt",))),
+    ("vtab", "val"): (("train", ("train800.txt",)), ("val", ("val200.txt",))),
+    ("fgvc", "test"): (("train", ("train.json", "val.json")), ("test", ("test.json",))),
+    ("fgvc", "val"): (("train", ("train.json",)), ("val", ("val.json",))),
+}
+EVAL_SAMPLES_PER_SHARD = 1000
+
+
+def _chosen_tasks(suite: str, names: str | None) -> list[Task]:
+    tasks = {task.name: task for task in SUITES[suite]}
+    if names is None:
+        return list(tasks.values())
+    chosen = []
+    for name in (n.strip() for n in names.split(",") if n.strip()):
+        if name not in tasks:
+            raise UserError(f"--tasks: no {suite} task '{name}'; one of {', '.join(tasks)}")
+        chosen.append(tasks[name])
+    if not chosen:
+        raise UserError(f"--tasks: no task named in {names!r}")
+    return chosen
+
+
+def _preset_shard_sizes(split: str, total: int, num_shards: int) -> list[int]:
+    # Train: a fixed shard count, so every (rank, loader worker) pair gets shards; eval splits: a fixed shard size.
+    if split == "train":
+        return shard_sizes(total, num_shards=num_shards)
+    return shard_sizes(total, samples_per_shard=EVAL_SAMPLES_PER_SHARD)
+
+
+def _cmd_preset(args: argparse.Namespace) -> None:
+    # Every task's lists are read and checked before the first shard is written: a bad task fails the run early.
+    planned = []
+    for task in _chosen_tasks(args.suite, args.tasks):
+        task_dir = os.path.join(args.root, task.folder)
+        if not os.path.isdir(task_dir):
+            if args.skip_missing:
+                print(f"{task.name}: skipped, no directory '{task_dir}'")
+                continue
+            raise UserError(f"--root: no directory '{task.folder}' for task {task.name} in '{args.root}' "
+                            "(--skip-missing skips it)")
+        for split, list_names in PRESET_SPLITS[args.suite, args.protocol]:
+            lists = [os.path.join(task_dir, name) for name in list_names]
+            names, files = list_files(os.path.join(task_dir, task.image_dir), lists, classes=task.classes)
+            try:
+                sizes = _preset_shard_sizes(split, len(files), args.num_shards)
+            except UserError as e:
+                raise UserError(f"{task.name} {split}: {e}") from None
+            planned.append((task, split, names, ImageSamples(files, split, args.seed), sizes, ", ".join(lists)))
+    if not planned:  # everything skipped: most likely the wrong --root
+        raise UserError(f"--root: none of the tasks' folders is in '{args.root}'")
+    for task, split, names, samples, sizes, source in planned:
+        write_image_split(os.path.join(args.out, task.name), split, names, samples, sizes, source)
 # --------------------------------------------------------------------------- synthetic data
 
 
@@ -206,7 +501,8 @@ def _cmd_synthetic(args: argparse.Namespace) -> None:
             raise UserError(f"{flag}: must be >= {low}, got {value}")
     for split, n in (("train", args.train), ("test", args.test)):
         if n > 0:
-            names = write_split(synthetic_samples(split, n, args.classes, args.size, args.seed), args.out, split, args.samples_per_shard)
+            samples = synthetic_samples(split, n, args.classes, args.size, args.seed)
+            names = write_split(samples, args.out, split, shard_sizes(n, args.samples_per_shard))
             _report(args.out, split, names)
     write_classes(args.out, [f"class_{c}" for c in range(args.classes)])
 
@@ -220,6 +516,29 @@ def _report(out: str, split: str, names: list[str]) -> None:
     print(f"{split}: {total} samples in {len(names)} shards {out}/{split}-{{000000..{len(names) - 1:06d}}}.tar")
 
 
+def _add_sharding(p: argparse.ArgumentParser) -> None:
+    sharding = p.add_mutually_exclusive_group()
+    sharding.add_argument("--samples-per-shard", type=int, default=1000)
+    sharding.add_argument("--num-shards", type=int, help="exactly N shards, as even as possible "
+                          "(a run needs at least ranks x loader workers train shards)")
+    p.add_argument("--seed", type=int, default=0, help="of the shuffle before sharding")
+
+
+def _add_preset(sub, suite: str, layout: str) -> None:
+    names = ",".join(task.name for task in SUITES[suite])
+    p = sub.add_parser(suite, help=f"shard the {suite.upper()} tasks from {layout} into OUT/<task>/")
+    p.add_argument("--root", required=True, help=f"the directory holding the task folders ({layout})")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tasks", help=f"comma-separated, default all: {names}")
+    p.add_argument("--protocol", choices=("test", "val"), default="test",
+                   help="test: train on train+val, test on test; val: train on train, evaluate on val")
+    p.add_argument("--num-shards", type=int, default=64, help="train shards per task (eval splits: "
+                   f"{EVAL_SAMPLES_PER_SHARD} samples per shard); 64 is enough for 32 ranks x 2 loader workers")
+    p.add_argument("--seed", type=int, default=0, help="of the shuffle before sharding")
+    p.add_argument("--skip-missing", action="store_true", help="skip tasks whose folder is missing")
+    p.set_defaults(run=_cmd_preset, suite=suite)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m spt_dist.data.shards", description="Write webdataset tar shards.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -227,9 +546,24 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--src", required=True)
     f.add_argument("--out", required=True)
     f.add_argument("--split", default="train")
-    f.add_argument("--samples-per-shard", type=int, default=1000)
-    f.add_argument("--seed", type=int, default=0)
+    _add_sharding(f)
     f.set_defaults(run=_cmd_folder)
+    ls = sub.add_parser("list", help="shard the images of split list files (.txt, .csv, .json)",
+                        description=read_list.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ls.add_argument("--root", required=True, help="the directory the listed image paths are relative to")
+    ls.add_argument("--list", required=True, action="append", help="a split list; repeat to concatenate them in order")
+    ls.add_argument("--out", required=True)
+    ls.add_argument("--split", required=True)
+    classes = ls.add_mutually_exclusive_group()
+    classes.add_argument("--classes", type=int, help="the class count (labels must be below it); "
+                         "default: the largest label + 1")
+    classes.add_argument("--class-names", help="class names in label order: one per line, or a JSON list")
+    _add_sharding(ls)
+    ls.add_argument("--path-column", help="CSV/JSON: the image path column")
+    ls.add_argument("--label-column", help="CSV/JSON: the label column")
+    ls.set_defaults(run=_cmd_list)
+    _add_preset(sub, "vtab", "VTAB-1k as NOAH/SPT ship it: <task>/{train800val200,train800,val200,test}.txt")
+    _add_preset(sub, "fgvc", "VPT's FGVC layout: <task>/{train,val,test}.json")
     s = sub.add_parser("synthetic", help="write a small learnable synthetic data set (train + test splits)")
     s.add_argument("--out", required=True)
     s.add_argument("--classes", type=int, default=10)

@@ -1,0 +1,245 @@
+"""Scaling studies: a grid (backbone × method × budget × world size × seed × ...) expanded into runs, run here
+one after another or submitted to Slurm, each in its own directory under <output.dir>/<sweep name>/.
+
+A sweep file (YAML):
+
+    name: vit-scaling                      # the sweep's directory under output.dir (default: runs)
+    config: [configs/vtab/cifar100.yaml]   # config files every run starts from (merged in order)
+    overrides: {optim.epochs: 100}         # dotted keys every run sets
+    grid:                                  # one mapping (a product), or a list of them (a union of products)
+      - config.backbone: [configs/backbones/vit_b16.yaml, configs/backbones/vit_l16.yaml]
+        method.name: [lora, full]
+        world_size: [8]
+      - config.backbone: [configs/backbones/vit_b16.yaml, configs/backbones/vit_l16.yaml]
+        method.name: [spt_lora]
+        selection.budget: [0.005, 0.01, 0.02]
+        seed: [0, 1, 2]
+        world_size: [8, 16]
+
+Grid keys: any dotted config key; `world_size` (ranks of the run); `config.<axis>` (config files appended
+after `config`, e.g. a backbone or a task axis). A run that has finished (metrics.json) is skipped, and a
+stopped one continues (`--resume latest`), so a sweep can simply be started again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from spt_dist.atomic import write_json
+from spt_dist.config import load_config
+from spt_dist.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(REPO, "launch", "train.py")
+SBATCH = os.path.join(REPO, "launch", "slurm", "train.sbatch")
+_SWEEP_KEYS = ("name", "config", "overrides", "grid")
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str  # its directory under the sweep directory
+    configs: tuple[str, ...]
+    overrides: tuple[str, ...]  # key=value, the sweep's then the grid point's
+    world_size: int
+
+    def train_args(self, sweep_dir: str) -> list[str]:
+        """launch/train.py's arguments for this run."""
+        args = [a for path in self.configs for a in ("--config", path)]
+        return args + ["--resume", "latest", *self.overrides, f"output.dir={sweep_dir}", f"output.name={self.name}"]
+
+
+@dataclass
+class Sweep:
+    name: str
+    directory: str  # <output.dir>/<name>
+    runs: list[Run] = field(default_factory=list)
+
+
+def _as_overrides(value: Any, where: str) -> list[str]:
+    if isinstance(value, dict):
+        return [f"{k}={_yaml_scalar(v)}" for k, v in value.items()]
+    if isinstance(value, list) and all(isinstance(v, str) and "=" in v for v in value):
+        return list(value)
+    raise UserError(f"{where}: expected a mapping of dotted keys, or a list of key=value")
+
+
+def _yaml_scalar(value: Any) -> str:
+    """A value as override text that load_config parses back to the same value."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
+
+
+def _slug(key: str, value: Any) -> str:
+    """A short, file-name-safe label of one grid coordinate, e.g. `vit_b16`, `spt_lora`, `budget0.01`, `ws16`."""
+    if key.startswith("config."):
+        text = os.path.splitext(os.path.basename(str(value)))[0]
+    elif key == "world_size":
+        text = f"ws{value}"
+    elif key == "seed":
+        text = f"seed{value}"
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        text = f"{key.rsplit('.', 1)[-1]}{value}"
+    else:
+        text = str(value)
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text)
+
+
+def _points(grid: Any, path: str) -> list[dict[str, Any]]:
+    """Every point of a grid: a mapping key -> list of values (a product) or a list of such mappings."""
+    products = grid if isinstance(grid, list) else [grid]
+    points: list[dict[str, Any]] = []
+    for i, product in enumerate(products):
+        where = f"{path}: grid" + (f"[{i}]" if isinstance(grid, list) else "")
+        if not isinstance(product, dict) or not product:
+            raise UserError(f"{where}: expected a mapping of key -> list of values")
+        for key, values in product.items():
+            if not isinstance(values, list) or not values:
+                raise UserError(f"{where}.{key}: expected a non-empty list of values (got {values!r})")
+        keys = list(product)
+        points += [dict(zip(keys, combo)) for combo in itertools.product(*(product[k] for k in keys))]
+    return points
+
+
+def load_sweep(path: str, output_dir: str | None = None) -> Sweep:
+    """Reads a sweep file and expands it into runs; every run's config is loaded and validated here, so a
+    mistake in any grid point stops the sweep before anything runs (one line naming the point)."""
+    try:
+        with open(path) as f:
+            spec = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise UserError(f"sweep: no such file '{path}'") from None
+    except yaml.YAMLError:
+        raise UserError(f"sweep: '{path}' is not valid YAML") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"sweep: '{path}' must hold a mapping")
+    unknown = sorted(set(spec) - set(_SWEEP_KEYS))
+    if unknown:
+        raise UserError(f"{path}: {unknown[0]}: unknown key (known: {', '.join(_SWEEP_KEYS)})")
+    if "grid" not in spec:
+        raise UserError(f"{path}: grid: missing (key -> list of values)")
+    name = str(spec.get("name") or os.path.splitext(os.path.basename(path))[0])
+    base_configs = spec.get("config") or []
+    base_configs = [base_configs] if isinstance(base_configs, str) else list(base_configs)
+    base_overrides = _as_overrides(spec.get("overrides") or {}, f"{path}: overrides")
+
+    points = _points(spec["grid"], path)
+    varying = [k for k in dict.fromkeys(k for p in points for k in p) if len({repr(p.get(k)) for p in points}) > 1]
+    runs, names = [], set()
+    first_cfg = None
+    for index, point in enumerate(points):
+        # Absolute: a run may start from another directory (a Slurm job's, or a later re-run of the sweep).
+        configs = [os.path.abspath(str(p)) for p in base_configs]
+        configs += [os.path.abspath(str(v)) for k, v in point.items() if k.startswith("config.")]
+        overrides = base_overrides + [f"{k}={_yaml_scalar(v)}" for k, v in point.items()
+                                      if not k.startswith("config.") and k != "world_size"]
+        world_size = point.get("world_size", 1)
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise UserError(f"{path}: grid point {index}: world_size must be a whole number >= 1 (got {world_size!r})")
+        try:
+            cfg = load_config(configs, overrides)
+        except UserError as e:
+            raise UserError(f"{path}: grid point {index} ({', '.join(f'{k}={v}' for k, v in point.items())}): {e}") from None
+        first_cfg = first_cfg or cfg
+        label = "-".join(_slug(k, point[k]) for k in varying if k in point) or "run"
+        run_name = f"{index:03d}-{label}"
+        if run_name in names:
+            raise UserError(f"{path}: two grid points give the run name '{run_name}'")
+        names.add(run_name)
+        runs.append(Run(run_name, tuple(configs), tuple(overrides), world_size))
+    out = output_dir or first_cfg.output.dir
+    return Sweep(name, os.path.abspath(os.path.join(out, name)), runs)
+
+
+def is_finished(run_dir: str) -> bool:
+    return os.path.isfile(os.path.join(run_dir, "metrics.json"))
+
+
+def write_manifest(sweep: Sweep, source: str) -> None:
+    """sweep.json: which runs make up the sweep (the report reads run directories; this says what to expect)."""
+    os.makedirs(sweep.directory, exist_ok=True)
+    write_json(os.path.join(sweep.directory, "sweep.json"), {
+        "name": sweep.name, "source": os.path.abspath(source),
+        "runs": [dict(name=r.name, configs=list(r.configs), overrides=list(r.overrides), world_size=r.world_size)
+                 for r in sweep.runs]})
+
+
+# ---------------------------------------------------------------------------------------------- running here
+
+
+def local_command(run: Run, sweep_dir: str) -> list[str]:
+    """One run on this machine: torchrun with `world_size` processes (CPU ranks, or one per GPU)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={run.world_size}",
+            TRAIN, *run.train_args(sweep_dir)]
+
+
+def run_local(sweep: Sweep, dry_run: bool = False, say=print) -> int:
+    """Runs every unfinished run, one after another; a failed run is reported and the others still run.
+    Returns the number of failed runs. Each run's output goes to <sweep>/logs/<run>.log."""
+    failed = []
+    logs = os.path.join(sweep.directory, "logs")
+    for i, run in enumerate(sweep.runs, 1):
+        run_dir = os.path.join(sweep.directory, run.name)
+        command = local_command(run, sweep.directory)
+        if dry_run:
+            say(shlex.join(command))
+            continue
+        if is_finished(run_dir):
+            say(f"[{i}/{len(sweep.runs)}] {run.name}: finished earlier, skipped")
+            continue
+        os.makedirs(logs, exist_ok=True)
+        env = dict(os.environ)
+        # Ranks share this machine's cores: one thread each unless the user chose otherwise.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // run.world_size)))
+        start = time.perf_counter()
+        log_path = os.path.join(logs, f"{run.name}.log")
+        with open(log_path, "a") as log:
+            code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        took = time.perf_counter() - start
+        if code == 0 and is_finished(run_dir):
+            say(f"[{i}/{len(sweep.runs)}] {run.name}: done in {took:.0f} s")
+        else:
+            failed.append(run.name)
+            say(f"[{i}/{len(sweep.runs)}] {run.name}: FAILED (exit {code}) after {took:.0f} s; log: {log_path}")
+    return len(failed)
+
+
+# ---------------------------------------------------------------------------------------------- Slurm
+
+
+def sbatch_command(run: Run, sweep: Sweep, gpus_per_node: int, extra: list[str]) -> list[str]:
+    """`sbatch` for one run through launch/slurm/train.sbatch: as many whole nodes as the world size needs
+    (one node with fewer GPUs for a smaller run)."""
+    nodes = math.ceil(run.world_size / gpus_per_node)
+    if run.world_size > gpus_per_node and run.world_size % gpus_per_node:
+        raise UserError(f"world_size {run.world_size} of run {run.name}: not a multiple of --gpus-per-node "
+                        f"{gpus_per_node} (multi-node runs use whole nodes)")
+    per_node = min(run.world_size, gpus_per_node)
+    logs = os.path.join(sweep.directory, "logs")
+    return ["sbatch", f"--job-name={sweep.name}-{run.name}", f"--nodes={nodes}", f"--ntasks-per-node={per_node}",
+            f"--gpus-per-node={per_node}", f"--output={logs}/{run.name}-%j.out", *extra, SBATCH,
+            *run.train_args(sweep.directory)]
+
+
+def submit_slurm(sweep: Sweep, gpus_per_node: int, extra: list[str], dry_run: bool = False, say=print) -> int:
+    """Submits every unfinished run as its own job. Returns the number of failed submissions."""
+    failed = 0
+    for run in sweep.runs:
+        if is_finished(os.path.join(sweep.directory, run.name)):
+            say(f"# {run.name}: finished earlier, not submitted")
+            continue
+        command = sbatch_command(run, sweep, gpus_per_node, extra)
+        say(shlex.join(command))
+        if not dry_run:
+            os.makedirs(os.path.join(sweep.directory, "logs"), exist_ok=True)
+            failed += subprocess.call(command) != 0
+    return failed
