@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus-per-node", type=int, default=8, help="--slurm: GPUs (ranks) per node")
     parser.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
                         help="--slurm: extra sbatch argument, e.g. --sbatch-arg=--partition=gpu (repeatable)")
+    parser.add_argument("--launch-arg", action="append", default=[], metavar="ARG",
+                        help="--slurm: argument for the job script, e.g. --launch-arg=--launcher=torchrun (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
     try:
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.dry_run:
             write_manifest(sweep, args.sweep)
         if args.slurm:
-            failed = submit_slurm(sweep, args.gpus_per_node, args.sbatch_arg, args.dry_run)
+            failed = submit_slurm(sweep, args.gpus_per_node, args.sbatch_arg, args.launch_arg, args.dry_run)
         else:
             failed = run_local(sweep, args.dry_run, say=lambda line: print(line, flush=True))
     except UserError as e:

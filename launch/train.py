@@ -27,7 +27,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "if there is none: safe for requeued jobs), a run directory or a checkpoint directory")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # options and key=value in any order, e.g. --config a k=v --config b
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,6 +61,9 @@ class DataConfig:
     def resolve(self) -> None:
         """Shard patterns the task (or the demo) implies, where none are given."""
         found = find_task(self.task) if self.task else None
+        if self.task and not found and self.train_shards is None:
+            raise UserError(f"data.task: '{self.task}' is no benchmark task (vtab/<task> or fgvc/<task>: "
+                            "spt_dist/data/benchmarks.py); for another data set give data.train_shards and eval_shards")
         if found:
             suite, task = found
             where = os.path.join(self.root, suite, task.name)
@@ -284,7 +287,7 @@ def load_config(paths: str | list[str] | tuple[str, ...] | None = None,
                 overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Reads YAML files (none, one or several: merged in order, later keys win, sections merged key by key),
     applies `a.b=value` overrides, builds and validates a Config. Several files compose a run from parts,
-    e.g. configs/backbones/vit_h14.yaml + configs/methods/spt_lora.yaml + configs/vtab/cifar100.yaml."""
+    e.g. configs/recipes/vtab.yaml + configs/backbones/vit_h14.yaml + configs/methods/spt_lora.yaml."""
     raw: dict[str, Any] = {}
     for path in [paths] if isinstance(paths, str) else paths or ():
         _merge(raw, _read_yaml(path))

@@ -37,7 +37,8 @@ class ModelFlops:
 
 
 def count_flops(model_name: str, num_classes: int, method: str, img_size: int | None = None) -> ModelFlops:
-    """FLOPs per image of `model_name` trained with `method` (full | linear | anything with a frozen backbone)."""
+    """FLOPs per image of `model_name` trained with `method` (full | linear | anything with a frozen backbone;
+    the trainer passes full for method.sparse_update=dense_masked, whose selected tensors train whole)."""
     from spt_dist.models import create_model  # noqa: PLC0415 - timm only when asked
 
     model = create_model(model_name, num_classes, img_size=img_size, device="meta")

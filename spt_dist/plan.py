@@ -1,7 +1,7 @@
 """What a run will need before it runs: parameters, budget, memory per rank and FLOPs, from the config alone.
 
     python -m spt_dist.plan --config configs/backbones/vit_h14.yaml --config configs/methods/spt_lora.yaml \
-        --world-size 8 16 data.num_classes=100
+        --world-size 8,16 data.num_classes=100
 
 The model is built on the meta device (a ViT-g in about a second, no memory). Memory per rank counts the
 model states only (weights, fp32 master copies, gradients, AdamW's two moments, SPT/GPS scores), as the ZeRO
@@ -104,19 +104,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m spt_dist.plan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", metavar="YAML", help="run config(s), as for launch/train.py")
-    parser.add_argument("--world-size", type=int, nargs="+", default=[1, 8, 16, 64])
+    parser.add_argument("--world-size", default="1,8,16,64", help="comma-separated rank counts (default 1,8,16,64)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        if any(w < 1 for w in args.world_size):
-            raise UserError(f"--world-size: must be >= 1 (got {args.world_size})")
+        try:
+            world_sizes = [int(w) for w in args.world_size.split(",")]
+        except ValueError:
+            world_sizes = [0]
+        if any(w < 1 for w in world_sizes):
+            raise UserError(f"--world-size: comma-separated whole numbers >= 1, e.g. 8,16 (got {args.world_size!r})")
         num_classes = cfg.data.num_classes
         if num_classes is None:  # the task's class count, else a placeholder: the head is small next to the rest
             from spt_dist.data.benchmarks import find_task  # noqa: PLC0415
             found = find_task(cfg.data.task) if cfg.data.task else None
             num_classes = found[1].classes if found else 1000
-        print(format_plans(cfg, [make_plan(cfg, w, num_classes) for w in args.world_size]))
+        print(format_plans(cfg, [make_plan(cfg, w, num_classes) for w in world_sizes]))
     except UserError as e:
         print(f"spt_dist: error: {e}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ import yaml
 
 from spt_dist.atomic import atomic_path, write_text
 from spt_dist.data.benchmarks import SUITES, VTAB_GROUPS, find_task
+from spt_dist.data.shards import read_json
 from spt_dist.errors import UserError
 
 PEFT_METHODS = ("spt_lora", "spt_adapter", "gps")
@@ -37,18 +38,9 @@ COLUMNS = (
     ("tflops_per_device", "{:.3g}"), ("mfu", "{:.1%}"), ("data_wait_share", "{:.1%}"), ("peak_memory_gib", "{:.2f}"),
     ("score_pass_s", "{:.1f}"), ("allocation_s", "{:.2f}"), ("train_time_s", "{:.0f}"), ("status", "{}"),
 )
-# Runs that agree on these are one configuration (seeds averaged).
+# The summary's columns naming a configuration; runs are one configuration when every setting but the seed
+# agrees (and the world size: a scaling axis).
 CONFIG_KEYS = ("task", "backbone", "method", "budget", "world_size", "engine")
-
-
-def _read_json(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read JSON ({e})") from None
 
 
 def find_runs(paths: list[str]) -> list[str]:
@@ -67,6 +59,23 @@ def find_runs(paths: list[str]) -> list[str]:
     return sorted(dict.fromkeys(found))
 
 
+def pending_runs(paths: list[str]) -> list[dict]:
+    """Rows for the runs a sweep lists (sweep.json) that have not started yet: an incomplete sweep shows."""
+    rows = []
+    for path in paths:
+        manifest = read_json(os.path.join(path, "sweep.json"))
+        for run in (manifest or {}).get("runs", []):
+            if not os.path.isfile(os.path.join(path, run["name"], "config.yaml")):
+                rows.append({"run": run["name"], "world_size": run["world_size"], "status": "pending"})
+    return rows
+
+
+def _settings_id(cfg: dict) -> str:
+    """What makes runs one configuration: every setting except the seed and where the outputs go."""
+    rest = {k: v for k, v in cfg.items() if k not in ("seed", "output")}
+    return json.dumps(rest, sort_keys=True, default=str)
+
+
 def _budget(cfg: dict) -> str | None:
     method, sel = cfg["method"]["name"], cfg["selection"]
     if method == "gps":
@@ -80,14 +89,20 @@ def _budget(cfg: dict) -> str | None:
 
 def read_run(run_dir: str) -> dict:
     """One row: the run's config, metrics.json and selection timings."""
-    with open(os.path.join(run_dir, "config.yaml")) as f:
-        cfg = yaml.safe_load(f)
-    metrics = _read_json(os.path.join(run_dir, "metrics.json"))
-    selection = _read_json(os.path.join(run_dir, "selection-select.json")) or {}
+    path = os.path.join(run_dir, "config.yaml")
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+        cfg["model"]["name"], cfg["method"]["name"]  # noqa: B018 - a config.yaml we can read
+    except (OSError, yaml.YAMLError, TypeError, KeyError):
+        raise UserError(f"report: {path} is not a run's config (unreadable or incomplete)") from None
+    metrics = read_json(os.path.join(run_dir, "metrics.json"))
+    selection = read_json(os.path.join(run_dir, "selection-select.json")) or {}
     engine = cfg["engine"]["kind"] + (f"-zero{cfg['engine']['zero_stage']}" if cfg["engine"]["kind"] == "deepspeed" else "")
     row = {"run": os.path.basename(run_dir), "path": run_dir, "task": cfg["data"].get("task"),
            "backbone": cfg["model"]["name"], "method": cfg["method"]["name"], "budget": _budget(cfg),
-           "engine": engine, "seed": cfg["seed"], "score_pass_s": selection.get("score_pass_s"),
+           "engine": engine, "seed": cfg["seed"], "settings": _settings_id(cfg),
+           "score_pass_s": selection.get("score_pass_s"),
            "allocation_s": selection.get("allocation_s")}
     if metrics is None:
         has_checkpoint = os.path.isdir(os.path.join(run_dir, "checkpoints"))
@@ -141,11 +156,12 @@ def summarize(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         if r["status"] == "finished":
-            groups[tuple(r.get(k) for k in CONFIG_KEYS)].append(r)
+            groups[(r["settings"], r.get("world_size"))].append(r)
     out = []
-    for key, members in groups.items():
+    for members in groups.values():
         top1, top1_std = _mean_std([m["top1"] for m in members])
-        entry = dict(zip(CONFIG_KEYS, key), seeds=len(members), top1=top1, top1_std=top1_std)
+        entry = {k: members[0].get(k) for k in CONFIG_KEYS}
+        entry.update(seeds=len({m["seed"] for m in members}), runs=len(members), top1=top1, top1_std=top1_std)
         for column in ("trainable_pct", "backbone_params", "images_per_s_per_device", "mfu", "peak_memory_gib",
                        "score_pass_s", "allocation_s"):
             entry[column] = _mean_std([m.get(column) for m in members])[0]
@@ -154,7 +170,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def summary_tables(summary: list[dict]) -> tuple[str, str]:
-    header = [*CONFIG_KEYS, "seeds", "top1", "top1_std", "trainable_pct", "images_per_s_per_device", "mfu",
+    header = [*CONFIG_KEYS, "seeds", "runs", "top1", "top1_std", "trainable_pct", "images_per_s_per_device", "mfu",
               "peak_memory_gib", "score_pass_s", "allocation_s"]
     fmts = {"top1": "{:.2f}", "top1_std": "{:.2f}", "trainable_pct": "{:.4f}", "images_per_s_per_device": "{:.1f}",
             "mfu": "{:.1%}", "peak_memory_gib": "{:.2f}", "score_pass_s": "{:.1f}", "allocation_s": "{:.2f}"}
@@ -219,21 +235,33 @@ def _save_figure(figure, path: str) -> None:
         figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
+def _log_x(axis) -> None:
+    """A log x axis labelled with plain numbers (0.5, 1, 2), not powers of ten."""
+    from matplotlib.ticker import FuncFormatter  # noqa: PLC0415
+
+    axis.set_xscale("log")
+    plain = FuncFormatter(lambda x, _: f"{x:g}")
+    axis.xaxis.set_major_formatter(plain)
+    axis.xaxis.set_minor_formatter(plain)
+
+
 def plot_accuracy_vs_budget(summary: list[dict], path: str) -> None:
-    """Top-1 against trainable % (log scale), one line per backbone × method; tasks averaged."""
+    """Top-1 against trainable % (log scale), one line per backbone × method, one point per budget: top-1 and
+    trainable % averaged over tasks and world sizes (each task's head differs, so its trainable % does too)."""
     import matplotlib  # noqa: PLC0415 - plotting only when asked
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    points: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    points: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for e in summary:
         if e["top1"] is not None and e["trainable_pct"]:
-            points[(e["backbone"], e["method"])][e["trainable_pct"]].append(e["top1"])
+            points[(e["backbone"], e["method"])][str(e["budget"])].append(e)
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for (backbone, method), by_x in sorted(points.items()):
-        xs = sorted(by_x)
-        axis.plot(xs, [statistics.fmean(by_x[x]) for x in xs], marker="o", label=f"{backbone} / {method}")
-    axis.set_xscale("log")
+    for (backbone, method), by_budget in sorted(points.items()):
+        xy = sorted((statistics.fmean(m["trainable_pct"] for m in ms), statistics.fmean(m["top1"] for m in ms))
+                    for ms in by_budget.values())
+        axis.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=f"{backbone} / {method}")
+    _log_x(axis)
     axis.set_xlabel("trainable parameters (% of the model)")
     axis.set_ylabel("top-1 accuracy (%)")
     axis.set_title("Accuracy vs budget")
@@ -251,7 +279,7 @@ def plot_scaling(summary: list[dict], path: str) -> None:
 
     lines: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for e in summary:
-        if e["backbone_params"]:
+        if e["backbone_params"] and e["images_per_s_per_device"] is not None and e["peak_memory_gib"] is not None:
             lines[f"{e['method']} ({e['world_size']} ranks)"][e["backbone_params"] / 1e6].append(e)
     figure, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, by_size in sorted(lines.items()):
@@ -261,7 +289,7 @@ def plot_scaling(summary: list[dict], path: str) -> None:
         memory.plot(sizes, [statistics.fmean(m["peak_memory_gib"] for m in by_size[s]) for s in sizes],
                     marker="o", label=label)
     for axis, what in ((speed, "images/s per device"), (memory, "peak memory per rank (GiB)")):
-        axis.set_xscale("log")
+        _log_x(axis)
         axis.set_xlabel("backbone parameters (millions)")
         axis.set_ylabel(what)
         axis.grid(True, alpha=0.3)
@@ -273,7 +301,7 @@ def plot_scaling(summary: list[dict], path: str) -> None:
 
 def write_report(paths: list[str], out: str) -> dict[str, str]:
     """Writes every table and plot into `out`; returns {what: path}."""
-    rows = [read_run(d) for d in find_runs(paths)]
+    rows = [read_run(d) for d in find_runs(paths)] + pending_runs(paths)
     summary = summarize(rows)
     os.makedirs(out, exist_ok=True)
     files = {}

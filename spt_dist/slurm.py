@@ -373,7 +373,7 @@ def _launch_parser() -> argparse.ArgumentParser:
     parser.add_argument("--job-id", type=int, help="instead of SLURM_JOB_ID")
     train = parser.add_argument_group("train.py's arguments (passed on)")
     train.add_argument("--config", action="append", default=[], metavar="YAML")
-    train.add_argument("--stage")
+    train.add_argument("--stage", choices=["train", "score", "allocate", "select"])  # launch/train.py's
     train.add_argument("--resume", metavar="latest|RUN_DIR", help="default: latest")
     train.add_argument("overrides", nargs="*", metavar="key=value")
     return parser

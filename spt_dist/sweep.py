@@ -4,7 +4,7 @@ one after another or submitted to Slurm, each in its own directory under <output
 A sweep file (YAML):
 
     name: vit-scaling                      # the sweep's directory under output.dir (default: runs)
-    config: [configs/vtab/cifar100.yaml]   # config files every run starts from (merged in order)
+    config: [configs/recipes/vtab.yaml]    # config files every run starts from (merged in order)
     overrides: {optim.epochs: 100}         # dotted keys every run sets
     grid:                                  # one mapping (a product), or a list of them (a union of products)
       - config.backbone: [configs/backbones/vit_b16.yaml, configs/backbones/vit_l16.yaml]
@@ -28,6 +28,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ import yaml
 
 from spt_dist.atomic import write_json
 from spt_dist.config import load_config
+from spt_dist.data.shards import read_json
 from spt_dist.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +58,8 @@ class Run:
     def train_args(self, sweep_dir: str) -> list[str]:
         """launch/train.py's arguments for this run."""
         args = [a for path in self.configs for a in ("--config", path)]
-        return args + ["--resume", "latest", *self.overrides, f"output.dir={sweep_dir}", f"output.name={self.name}"]
+        return args + ["--resume", "latest", *self.overrides, f"output.dir={_yaml_scalar(sweep_dir)}",
+                       f"output.name={_yaml_scalar(self.name)}"]
 
 
 @dataclass
@@ -68,6 +71,9 @@ class Sweep:
 
 def _as_overrides(value: Any, where: str) -> list[str]:
     if isinstance(value, dict):
+        nested = [k for k, v in value.items() if isinstance(v, dict)]
+        if nested:  # `optim: {epochs: 2}` would replace the whole section, dropping the recipe's other keys
+            raise UserError(f"{where}: {nested[0]}: give dotted keys (e.g. {nested[0]}.KEY: VALUE), not a section")
         return [f"{k}={_yaml_scalar(v)}" for k, v in value.items()]
     if isinstance(value, list) and all(isinstance(v, str) and "=" in v for v in value):
         return list(value)
@@ -116,7 +122,7 @@ def load_sweep(path: str, output_dir: str | None = None) -> Sweep:
     try:
         with open(path) as f:
             spec = yaml.safe_load(f) or {}
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise UserError(f"sweep: no such file '{path}'") from None
     except yaml.YAMLError:
         raise UserError(f"sweep: '{path}' is not valid YAML") from None
@@ -133,6 +139,8 @@ def load_sweep(path: str, output_dir: str | None = None) -> Sweep:
     base_overrides = _as_overrides(spec.get("overrides") or {}, f"{path}: overrides")
 
     points = _points(spec["grid"], path)
+    if not points:
+        raise UserError(f"{path}: grid: no points (give key -> list of values)")
     varying = [k for k in dict.fromkeys(k for p in points for k in p) if len({repr(p.get(k)) for p in points}) > 1]
     runs, names = [], set()
     first_cfg = None
@@ -150,6 +158,10 @@ def load_sweep(path: str, output_dir: str | None = None) -> Sweep:
         except UserError as e:
             raise UserError(f"{path}: grid point {index} ({', '.join(f'{k}={v}' for k, v in point.items())}): {e}") from None
         first_cfg = first_cfg or cfg
+        shares = world_size * cfg.optim.grad_accum
+        if cfg.data.global_batch_size and cfg.data.global_batch_size % shares:
+            raise UserError(f"{path}: grid point {index}: data.global_batch_size {cfg.data.global_batch_size} does not "
+                            f"split over world_size {world_size} x optim.grad_accum {cfg.optim.grad_accum}")
         label = "-".join(_slug(k, point[k]) for k in varying if k in point) or "run"
         run_name = f"{index:03d}-{label}"
         if run_name in names:
@@ -162,6 +174,28 @@ def load_sweep(path: str, output_dir: str | None = None) -> Sweep:
 
 def is_finished(run_dir: str) -> bool:
     return os.path.isfile(os.path.join(run_dir, "metrics.json"))
+
+
+def check_unchanged(run: Run, sweep_dir: str) -> None:
+    """A run directory from an earlier start of the sweep must hold the settings the sweep gives it now: an
+    edited sweep would otherwise skip runs with stale results, or continue them under other settings."""
+    saved_path = os.path.join(sweep_dir, run.name, "config.yaml")
+    if not os.path.isfile(saved_path):
+        return
+    with open(saved_path) as f:
+        saved = yaml.safe_load(f) or {}
+    now = load_config(list(run.configs), list(run.overrides)).to_dict()
+    for section, values in now.items():
+        if section == "output":
+            continue
+        for key, value in values.items() if isinstance(values, dict) else [(None, values)]:
+            if key == "batch_size" and section == "data" and values.get("global_batch_size"):
+                continue  # resolved from the global batch when the run starts
+            was = saved.get(section) if key is None else (saved.get(section) or {}).get(key)
+            if was != value:
+                name = section if key is None else f"{section}.{key}"
+                raise UserError(f"run {run.name}: {name} is {value!r} in the sweep but {was!r} in {saved_path}: "
+                                "give the edited sweep another name, or remove that run directory")
 
 
 def write_manifest(sweep: Sweep, source: str) -> None:
@@ -190,11 +224,12 @@ def run_local(sweep: Sweep, dry_run: bool = False, say=print) -> int:
     for i, run in enumerate(sweep.runs, 1):
         run_dir = os.path.join(sweep.directory, run.name)
         command = local_command(run, sweep.directory)
-        if dry_run:
-            say(shlex.join(command))
-            continue
+        check_unchanged(run, sweep.directory)
         if is_finished(run_dir):
             say(f"[{i}/{len(sweep.runs)}] {run.name}: finished earlier, skipped")
+            continue
+        if dry_run:
+            say(shlex.join(command))
             continue
         os.makedirs(logs, exist_ok=True)
         env = dict(os.environ)
@@ -216,30 +251,65 @@ def run_local(sweep: Sweep, dry_run: bool = False, say=print) -> int:
 # ---------------------------------------------------------------------------------------------- Slurm
 
 
-def sbatch_command(run: Run, sweep: Sweep, gpus_per_node: int, extra: list[str]) -> list[str]:
+def sbatch_command(run: Run, sweep: Sweep, gpus_per_node: int, extra: list[str],
+                   launch_args: list[str] = ()) -> list[str]:
     """`sbatch` for one run through launch/slurm/train.sbatch: as many whole nodes as the world size needs
-    (one node with fewer GPUs for a smaller run)."""
+    (one node with fewer GPUs for a smaller run). `extra`: sbatch's own options; `launch_args`: the job
+    script's (spt_dist.slurm launch: --launcher, --stage-data)."""
     nodes = math.ceil(run.world_size / gpus_per_node)
     if run.world_size > gpus_per_node and run.world_size % gpus_per_node:
         raise UserError(f"world_size {run.world_size} of run {run.name}: not a multiple of --gpus-per-node "
                         f"{gpus_per_node} (multi-node runs use whole nodes)")
     per_node = min(run.world_size, gpus_per_node)
     logs = os.path.join(sweep.directory, "logs")
+    # The job script finds this interpreter wherever the sweep was started from.
     return ["sbatch", f"--job-name={sweep.name}-{run.name}", f"--nodes={nodes}", f"--ntasks-per-node={per_node}",
-            f"--gpus-per-node={per_node}", f"--output={logs}/{run.name}-%j.out", *extra, SBATCH,
-            *run.train_args(sweep.directory)]
+            f"--gpus-per-node={per_node}", f"--output={logs}/{run.name}-%j.out",
+            f"--export=ALL,SPT_PYTHON={sys.executable}", *extra, SBATCH, *launch_args, *run.train_args(sweep.directory)]
 
 
-def submit_slurm(sweep: Sweep, gpus_per_node: int, extra: list[str], dry_run: bool = False, say=print) -> int:
-    """Submits every unfinished run as its own job. Returns the number of failed submissions."""
-    failed = 0
-    for run in sweep.runs:
+JOBS_FILE = "slurm_jobs.json"  # run name -> the Slurm job id it was last submitted as
+
+
+def _live_jobs(job_ids: list[str]) -> set[str]:
+    """The ids among `job_ids` that Slurm still has queued or running."""
+    if not job_ids or shutil.which("squeue") is None:
+        return set()
+    listed = subprocess.run(["squeue", "--noheader", "--format=%i", f"--jobs={','.join(job_ids)}"],
+                            capture_output=True, text=True)
+    return set(listed.stdout.split())
+
+
+def submit_slurm(sweep: Sweep, gpus_per_node: int, extra: list[str], launch_args: list[str] = (),
+                 dry_run: bool = False, say=print) -> int:
+    """Submits every run that is neither finished nor still queued or running (its last job, from
+    slurm_jobs.json, is in squeue) as its own job. Returns the number of failed submissions."""
+    jobs_path = os.path.join(sweep.directory, JOBS_FILE)
+    jobs = read_json(jobs_path) or {}
+    live = _live_jobs(sorted({jobs[r.name] for r in sweep.runs if r.name in jobs}))
+    commands = []
+    for run in sweep.runs:  # every command first: a mistake must not leave half of the sweep submitted
+        check_unchanged(run, sweep.directory)
         if is_finished(os.path.join(sweep.directory, run.name)):
             say(f"# {run.name}: finished earlier, not submitted")
-            continue
-        command = sbatch_command(run, sweep, gpus_per_node, extra)
+        elif jobs.get(run.name) in live:
+            say(f"# {run.name}: job {jobs[run.name]} is still queued or running, not submitted")
+        else:
+            commands.append((run, sbatch_command(run, sweep, gpus_per_node, extra, launch_args)))
+    if commands and not dry_run and shutil.which("sbatch") is None:
+        raise UserError("--slurm: no `sbatch` on PATH (run this on a Slurm login node, or use --dry-run)")
+    failed = 0
+    for run, command in commands:
         say(shlex.join(command))
-        if not dry_run:
-            os.makedirs(os.path.join(sweep.directory, "logs"), exist_ok=True)
-            failed += subprocess.call(command) != 0
+        if dry_run:
+            continue
+        os.makedirs(os.path.join(sweep.directory, "logs"), exist_ok=True)
+        submitted = subprocess.run([command[0], "--parsable", *command[1:]], capture_output=True, text=True)
+        if submitted.returncode != 0:
+            failed += 1
+            say(f"# {run.name}: sbatch failed: {submitted.stderr.strip()}")
+            continue
+        jobs[run.name] = submitted.stdout.strip().split(";")[0]  # --parsable: "jobid[;cluster]"
+        write_json(jobs_path, jobs)
+        say(f"# {run.name}: job {jobs[run.name]}")
     return failed

@@ -66,7 +66,8 @@ _SAME_ON_RESUME = ("seed", "model.name", "model.checkpoint", "model.img_size", "
 # continues the data stream exactly where it was.
 _SAME_DATA_ORDER = ("seed", "data.train_shards", "data.batch_size", "data.workers", "data.shuffle_buffer",
                     "data.augment", "data.crop_pct", "optim.grad_accum")
-_MAX_SKIPS_IN_A_ROW = 10  # optim.nonfinite=skip: beyond this the weights are likely broken; stop
+_MAX_SKIPS_IN_A_ROW = 10
+_THROUGHPUT_KEYS = ("images_per_s", "images_per_s_per_device", "tflops_per_device", "mfu", "data_wait_share")  # optim.nonfinite=skip: beyond this the weights are likely broken; stop
 
 
 def _set_batch_size_from_global(cfg: Config, world_size: int) -> None:
@@ -125,7 +126,8 @@ class Trainer:
         self.input_size = tuple(model.patch_embed.img_size)
         self.trainable_report = format_trainable_parameters(self.model)
         self.trainable, self.total_params = trainable_parameters(self.model)
-        self.flops = count_flops(cfg.model.name, num_classes, cfg.method.name, cfg.model.img_size)
+        dense = cfg.method.name in PEFT_METHODS and cfg.method.sparse_update == "dense_masked"
+        self.flops = count_flops(cfg.model.name, num_classes, "full" if dense else cfg.method.name, cfg.model.img_size)
         self.peak_tflops = cfg.output.peak_tflops or peak_tflops(dist_info.device, cfg.engine.precision)
         train_tf, eval_tf = build_transforms(self.model, cfg.data)
         torch.manual_seed(cfg.seed + dist_info.rank)  # per-rank randomness (dropout) from here on
@@ -344,7 +346,7 @@ class Trainer:
                    "device": _device_name(self.dist.device), "precision": cfg.engine.precision,
                    "top1": eval_result.get("top1"), "eval_samples": eval_result.get("samples"),
                    "train_time_s": train_time, "eval_time_s": eval_time,
-                   **(self._throughput(images / train_time, data_wait / train_time) if images else {"images_per_s": None}),
+                   **(self._throughput(images / train_time, data_wait / train_time) if images else dict.fromkeys(_THROUGHPUT_KEYS)),
                    "forward_flops_per_image": self.flops.forward, "train_flops_per_image": self.flops.train,
                    "peak_memory_gib": max(all_gather_float(peak_memory_gib(self.dist.device))),
                    "trainable_params": self.trainable, "total_params": self.total_params,
@@ -373,8 +375,7 @@ class Trainer:
         per_device = images_per_s / self.dist.world_size
         tflops = per_device * self.flops.train / 1e12
         mfu = tflops / self.peak_tflops if self.peak_tflops else None
-        values = {"images_per_s": images_per_s, "images_per_s_per_device": per_device,
-                  "tflops_per_device": tflops, "mfu": mfu, "data_wait_share": data_share}
+        values = dict(zip(_THROUGHPUT_KEYS, (images_per_s, per_device, tflops, mfu, data_share)))
         return {prefix + k: v for k, v in values.items() if v is not None or not prefix}
 
     def _agree_before_update(self, step: int, nonfinite: int) -> None:

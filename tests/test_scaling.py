@@ -17,7 +17,7 @@ from PIL import Image
 from spt_dist.config import load_config
 from spt_dist.data.benchmarks import FGVC, VTAB, VTAB_GROUPS
 from spt_dist.errors import UserError
-from spt_dist.report import papers_table, summarize
+from spt_dist.report import papers_table, pending_runs, summarize
 from spt_dist.sweep import load_sweep, sbatch_command
 
 from .conftest import REPO
@@ -64,6 +64,11 @@ def test_local_sweep_and_report(tmp_path, synthetic_shards):
 
     again = _sweep([str(sweep_file), "--output-dir", str(runs)], timeout=120)  # finished runs are not run again
     assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 6
+    edited = yaml.safe_load(sweep_file.read_text())
+    edited["overrides"]["optim.max_steps"] = 5  # an edited sweep must not pass off old results as its own
+    sweep_file.write_text(yaml.safe_dump(edited))
+    refused = _sweep([str(sweep_file), "--output-dir", str(runs)], timeout=120)
+    assert refused.returncode == 2 and "optim.max_steps is 5 in the sweep but 4" in refused.stderr
 
     out = tmp_path / "report"
     report = subprocess.run([sys.executable, "-m", "spt_dist.report", str(study), "--out", str(out)],
@@ -115,6 +120,27 @@ def test_slurm_submission_plan(tmp_path, synthetic_shards):
         sbatch_command(odd.runs[0], odd, gpus_per_node=8, extra=[])
 
 
+def test_slurm_submission_skips_live_jobs(tmp_path, synthetic_shards):
+    """Submitted job ids are kept; a run whose job squeue still lists is not submitted again. (Stand-in sbatch
+    and squeue: no Slurm here. sbatch answers job 4242 and records its arguments; squeue lists 4242.)"""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/sbatch.args\necho 4242\n')
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho 4242\n")
+    for tool in ("sbatch", "squeue"):
+        (bin_dir / tool).chmod(0o755)
+    sweep_file = _sweep_file(tmp_path, synthetic_shards, {"world_size": [8]})
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    args = [sys.executable, str(REPO / "launch/sweep.py"), str(sweep_file), "--output-dir", str(tmp_path), "--slurm"]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "--parsable" in (tmp_path / "sbatch.args").read_text()
+    assert json.loads((tmp_path / "study" / "slurm_jobs.json").read_text()) == {"000-run": "4242"}
+    second = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+    assert second.returncode == 0 and "job 4242 is still queued or running, not submitted" in second.stdout
+    assert len((tmp_path / "sbatch.args").read_text().splitlines()) == 1
+
+
 def test_papers_table_group_means():
     """VTAB: group means and the mean of the three group means; FGVC: the plain mean; seeds averaged first."""
     summary = []
@@ -137,13 +163,29 @@ def test_papers_table_group_means():
     assert "*" in next(line for line in partial.splitlines() if "| spt_lora |" in line)
 
 
+def test_report_lists_runs_not_started(tmp_path):
+    (tmp_path / "sweep.json").write_text(json.dumps({"runs": [{"name": "000-a", "world_size": 16}]}))
+    assert pending_runs([str(tmp_path)]) == [{"run": "000-a", "world_size": 16, "status": "pending"}]
+
+
+def test_benchmark_task_names():
+    assert load_config(None, ["data.task=VTAB/cifar100"]).data.train_shards == "data/benchmarks/vtab/cifar100/train-*.tar"
+    for typo in ("vtab/cifar-100", "cifar-100"):  # no silent fallback to the demo's data
+        with pytest.raises(UserError, match="data.task"):
+            load_config(None, [f"data.task={typo}"])
+    assert load_config(None, ["data.task=my-set", "data.train_shards=a.tar", "data.eval_shards=b.tar"]).data.task == "my-set"
+
+
 def test_summary_averages_seeds():
     rows = [dict(task=None, backbone="B", method="lora", budget="r=8", world_size=2, engine="e", status="finished",
-                 top1=t, trainable_pct=1.0, backbone_params=10, images_per_s_per_device=5.0, mfu=None,
-                 peak_memory_gib=1.0, score_pass_s=None, allocation_s=None) for t in (70.0, 74.0)]
+                 settings="same", seed=seed, top1=t, trainable_pct=1.0, backbone_params=10,
+                 images_per_s_per_device=5.0, mfu=None, peak_memory_gib=1.0, score_pass_s=None, allocation_s=None)
+            for seed, t in ((0, 70.0), (1, 74.0))]
     rows.append(dict(rows[0], status="stopped", top1=None))
-    (entry,) = summarize(rows)
-    assert entry["seeds"] == 2 and entry["top1"] == 72.0 and entry["top1_std"] == pytest.approx(2 ** 1.5)
+    rows.append(dict(rows[0], settings="another lr", top1=10.0))  # not the same configuration
+    first, second = sorted(summarize(rows), key=lambda e: e["top1"], reverse=True)
+    assert first["seeds"] == 2 and first["top1"] == 72.0 and first["top1_std"] == pytest.approx(2 ** 1.5)
+    assert second["seeds"] == 1 and second["top1"] == 10.0
 
 
 # ------------------------------------------------------------------------------------------ configs and planning

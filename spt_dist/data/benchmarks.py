@@ -59,7 +59,7 @@ SUITES = {"vtab": VTAB, "fgvc": FGVC}
 
 def find_task(name: str) -> tuple[str, Task] | None:
     """(suite, task) for a task name such as `cifar100` or `vtab/cifar100`; None if unknown."""
-    suite_hint, _, task_name = name.rpartition("/")
+    suite_hint, _, task_name = name.lower().rpartition("/")
     for suite, tasks in SUITES.items():
         if suite_hint and suite_hint != suite:
             continue
