@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -197,23 +198,33 @@ def test_task_shim_lets_a_launcher_survive_usr1(tmp_path):
     assert result.stdout.split() == ["SIG_IGN", "True"], result.stderr  # inherited by the ranks it starts
 
 
-def test_srun_tasks_of_a_plan_train_for_real(synthetic_shards, tmp_path):
-    """1 node x 2 "GPUs" on 127.0.0.1: each task's command and environment, as srun would start them."""
+def _srun_plan(synthetic_shards, tmp_path, name: str, *overrides: str):
+    """The plan of a 1 node x 2 "GPUs" job on 127.0.0.1 and its two rank tasks."""
     env = {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "127.0.0.1", "SLURM_NNODES": "1", "SLURM_GPUS_ON_NODE": "2",
            "SLURM_CPUS_ON_NODE": "2", "MASTER_PORT": str(free_port()), "SLURM_TMPDIR": str(tmp_path / "scratch")}
-    plan, _ = plan_from_args(["--config", TINY, *tiny_overrides(synthetic_shards, tmp_path, "srun")], env)
+    plan, _ = plan_from_args(["--config", TINY, *tiny_overrides(synthetic_shards, tmp_path, name), *overrides], env)
     tasks = [task for node in plan.nodes for task in node.tasks]
     assert [t.label for t in tasks] == ["rank 0", "rank 1"]
-    os.makedirs(plan.slurm_dir)
+    os.makedirs(plan.slurm_dir, exist_ok=True)
+    return plan, tasks
+
+
+def _start_tasks(tasks) -> list[subprocess.Popen]:
+    """Each task's command and environment, as srun would start them, output where srun's --output puts it."""
     own = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "TMPDIR",
            "TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR")
     base = {k: v for k, v in os.environ.items() if k not in own and not k.startswith("SLURM_")}
     procs = []
     for task in tasks:
-        with open(task.log, "w") as log:  # where srun's --output would put it
+        with open(task.log, "a") as log:
             procs.append(subprocess.Popen(task.command(), cwd=REPO, env=dict(base, PYTHONUNBUFFERED="1"),
                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    deadline = time.monotonic() + 300
+    return procs
+
+
+def _wait_tasks(procs, tasks, timeout: float = 300) -> None:
+    """Waits until every rank has exited 0; fails (killing them all) on another exit status or the timeout."""
+    deadline = time.monotonic() + timeout
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline and \
             all(p.poll() in (None, 0) for p in procs):
         time.sleep(0.2)
@@ -222,8 +233,34 @@ def test_srun_tasks_of_a_plan_train_for_real(synthetic_shards, tmp_path):
         for p in procs:
             kill_tree(p.pid)
         logs = "\n".join(f"--- {t.log}\n{Path(t.log).read_text()[-3000:]}" for t in tasks)
-        pytest.fail(f"ranks exited {codes} (None: still running after 300 s)\n{logs}")
+        pytest.fail(f"ranks exited {codes} (None: still running after {timeout} s)\n{logs}")
+
+
+def test_srun_tasks_of_a_plan_train_for_real(synthetic_shards, tmp_path):
+    """1 node x 2 "GPUs" on 127.0.0.1: each task's command and environment, as srun would start them."""
+    plan, tasks = _srun_plan(synthetic_shards, tmp_path, "srun")
+    _wait_tasks(_start_tasks(tasks), tasks)
     metrics = json.loads((Path(plan.run_dir) / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 3
     assert not needs_requeue(0, plan.run_dir)
     assert (tmp_path / "scratch" / "triton").is_dir()  # node-local scratch made by each task
+
+
+def test_usr1_stops_the_ranks_and_the_requeued_job_finishes(synthetic_shards, tmp_path):
+    """Slurm's --signal=USR1 reaches every task of the step: the ranks save and exit 0, the run is unfinished
+    (requeue), and the same commands started again (the requeued job) continue it to the end."""
+    plan, tasks = _srun_plan(synthetic_shards, tmp_path, "preempted", "optim.max_steps=200")
+    procs = _start_tasks(tasks)
+    deadline = time.monotonic() + 300
+    while " steps (" not in Path(tasks[0].log).read_text():  # rank 0 prints the plan once both ranks are set up
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), Path(tasks[0].log).read_text()
+        time.sleep(0.05)
+    for p in procs:
+        os.kill(p.pid, signal.SIGUSR1)
+    _wait_tasks(procs, tasks)
+    assert "stopped by SIGUSR1" in Path(tasks[0].log).read_text()
+    assert needs_requeue(0, plan.run_dir) and not (Path(plan.run_dir) / "metrics.json").exists()
+    _wait_tasks(_start_tasks(tasks), tasks)  # the requeued job: --resume latest continues from the checkpoint
+    metrics = json.loads((Path(plan.run_dir) / "metrics.json").read_text())
+    assert metrics["steps"] == 200 and 0 < metrics["resumed_from_step"] < 200
+    assert not needs_requeue(0, plan.run_dir)
