@@ -278,6 +278,19 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def per_rank_batch_size(cfg: Config, world_size: int) -> int:
+    """data.batch_size on `world_size` ranks: data.global_batch_size / (ranks x optim.grad_accum) when the
+    global batch is set (the recipes' way), else data.batch_size as given."""
+    total = cfg.data.global_batch_size
+    if total is None:
+        return cfg.data.batch_size
+    shares = world_size * cfg.optim.grad_accum
+    if total % shares:
+        raise UserError(f"data.global_batch_size: {total} does not split evenly over {world_size} ranks x "
+                        f"optim.grad_accum {cfg.optim.grad_accum}")
+    return total // shares
+
+
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
         raise UserError(f"{key}: {why} (got {value!r})")

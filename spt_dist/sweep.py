@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 from spt_dist.atomic import write_json
-from spt_dist.config import load_config
+from spt_dist.config import load_config, per_rank_batch_size
 from spt_dist.data.shards import read_json
 from spt_dist.errors import UserError
 
@@ -142,7 +142,7 @@ def load_sweep(path: str, output_dir: str | None = None) -> Sweep:
     if not points:
         raise UserError(f"{path}: grid: no points (give key -> list of values)")
     varying = [k for k in dict.fromkeys(k for p in points for k in p) if len({repr(p.get(k)) for p in points}) > 1]
-    runs, names = [], set()
+    runs = []
     first_cfg = None
     for index, point in enumerate(points):
         # Absolute: a run may start from another directory (a Slurm job's, or a later re-run of the sweep).
@@ -155,18 +155,12 @@ def load_sweep(path: str, output_dir: str | None = None) -> Sweep:
             raise UserError(f"{path}: grid point {index}: world_size must be a whole number >= 1 (got {world_size!r})")
         try:
             cfg = load_config(configs, overrides)
+            per_rank_batch_size(cfg, world_size)
         except UserError as e:
             raise UserError(f"{path}: grid point {index} ({', '.join(f'{k}={v}' for k, v in point.items())}): {e}") from None
         first_cfg = first_cfg or cfg
-        shares = world_size * cfg.optim.grad_accum
-        if cfg.data.global_batch_size and cfg.data.global_batch_size % shares:
-            raise UserError(f"{path}: grid point {index}: data.global_batch_size {cfg.data.global_batch_size} does not "
-                            f"split over world_size {world_size} x optim.grad_accum {cfg.optim.grad_accum}")
-        label = "-".join(_slug(k, point[k]) for k in varying if k in point) or "run"
-        run_name = f"{index:03d}-{label}"
-        if run_name in names:
-            raise UserError(f"{path}: two grid points give the run name '{run_name}'")
-        names.add(run_name)
+        # The index keeps names unique; the label says what the point is.
+        run_name = f"{index:03d}-" + ("-".join(_slug(k, point[k]) for k in varying if k in point) or "run")
         runs.append(Run(run_name, tuple(configs), tuple(overrides), world_size))
     out = output_dir or first_cfg.output.dir
     return Sweep(name, os.path.abspath(os.path.join(out, name)), runs)

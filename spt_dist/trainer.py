@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from spt_dist.atomic import write_json, write_safetensors, write_text
 from spt_dist.checkpoint import Checkpoint, restore_rng, save_checkpoint
-from spt_dist.config import Config
+from spt_dist.config import Config, per_rank_batch_size
 from spt_dist.data.dataset import resolve_dataset
 from spt_dist.data.loader import FAULT_KINDS, EvalStream, TrainStream, require_shards
 from spt_dist.data.transforms import build_transforms
@@ -70,18 +70,6 @@ _MAX_SKIPS_IN_A_ROW = 10
 _THROUGHPUT_KEYS = ("images_per_s", "images_per_s_per_device", "tflops_per_device", "mfu", "data_wait_share")  # optim.nonfinite=skip: beyond this the weights are likely broken; stop
 
 
-def _set_batch_size_from_global(cfg: Config, world_size: int) -> None:
-    """data.global_batch_size (the recipes' batch) -> data.batch_size, per rank and micro-step, on this world size."""
-    total = cfg.data.global_batch_size
-    if total is None:
-        return
-    shares = world_size * cfg.optim.grad_accum
-    if total % shares:
-        raise UserError(f"data.global_batch_size: {total} does not split evenly over {world_size} ranks x "
-                        f"optim.grad_accum {cfg.optim.grad_accum}")
-    cfg.data.batch_size = total // shares
-
-
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
@@ -106,7 +94,7 @@ class Trainer:
         require_shards(data.train_shards, dist_info.world_size, cfg.data.workers)
         self.train_shards, self.eval_shards, num_classes = data.train_shards, data.eval_shards, data.num_classes
         self.num_classes = num_classes
-        _set_batch_size_from_global(cfg, dist_info.world_size)
+        cfg.data.batch_size = per_rank_batch_size(cfg, dist_info.world_size)
         self.schedule = Schedule.plan(cfg, data.train_samples, dist_info.world_size)
 
         self.run_dir, checkpoint_dir = open_run(cfg, dist_info, "train", resume)

@@ -41,7 +41,8 @@ def _sweep(args: list[str], timeout: float) -> subprocess.CompletedProcess:
 
 
 GRID = [
-    {"model.name": [TINY, SMALL], "method.name": ["lora"], "data.task": ["vtab/cifar100"], "world_size": [2]},
+    {"model.name": [TINY, SMALL], "method.name": ["lora"], "data.task": ["vtab/cifar100"], "world_size": [2],
+     "data.global_batch_size": [32]},
     {"model.name": [TINY], "method.name": ["spt_lora"], "selection.budget": [0.02, 0.05], "seed": [0, 1],
      "data.task": ["vtab/eurosat"], "world_size": [1]},
 ]
@@ -57,6 +58,9 @@ def test_local_sweep_and_report(tmp_path, synthetic_shards):
     assert len(run_dirs) == 6 and len(json.loads((study / "sweep.json").read_text())["runs"]) == 6
     metrics = {d.name: json.loads((d / "metrics.json").read_text()) for d in run_dirs}
     assert sorted(m["world_size"] for m in metrics.values()) == [1, 1, 1, 1, 2, 2]
+    for d in run_dirs:  # the global batch of 32 on 2 ranks: 16 per rank, as the run's resolved config says
+        saved = yaml.safe_load((d / "config.yaml").read_text())["data"]
+        assert saved["batch_size"] == (16 if metrics[d.name]["world_size"] == 2 else 8)
     for m in metrics.values():  # the throughput figures are consistent with each other
         assert m["images_per_s_per_device"] == pytest.approx(m["images_per_s"] / m["world_size"])
         assert m["tflops_per_device"] == pytest.approx(m["images_per_s_per_device"] * m["train_flops_per_image"] / 1e12)
