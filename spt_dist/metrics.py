@@ -17,11 +17,12 @@ def peak_memory_gib(device: torch.device) -> float:
 
 class Throughput:
     """Images per second, and the share of the time spent waiting for data, over the window since the last
-    `window()` call."""
+    `window()` call; `total_data_wait`: the seconds waited for data over the whole run."""
 
     def __init__(self) -> None:
         self._images = 0
         self._data_wait = 0.0
+        self.total_data_wait = 0.0
         self._start = time.perf_counter()
 
     def add(self, images: int) -> None:
@@ -29,6 +30,7 @@ class Throughput:
 
     def waited(self, seconds: float) -> None:
         self._data_wait += seconds
+        self.total_data_wait += seconds
 
     def window(self) -> tuple[float, float]:
         """(images/s, data-wait share) since the last call."""

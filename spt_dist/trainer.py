@@ -66,8 +66,8 @@ _SAME_ON_RESUME = ("seed", "model.name", "model.checkpoint", "model.img_size", "
 # continues the data stream exactly where it was.
 _SAME_DATA_ORDER = ("seed", "data.train_shards", "data.batch_size", "data.workers", "data.shuffle_buffer",
                     "data.augment", "data.crop_pct", "optim.grad_accum")
-_MAX_SKIPS_IN_A_ROW = 10
-_THROUGHPUT_KEYS = ("images_per_s", "images_per_s_per_device", "tflops_per_device", "mfu", "data_wait_share")  # optim.nonfinite=skip: beyond this the weights are likely broken; stop
+_MAX_SKIPS_IN_A_ROW = 10  # optim.nonfinite=skip: beyond this the weights are likely broken; stop
+_THROUGHPUT_KEYS = ("images_per_s", "images_per_s_per_device", "tflops_per_device", "mfu", "data_wait_share")
 
 
 def _device_name(device: torch.device) -> str:
@@ -265,7 +265,6 @@ class Trainer:
         batches = iter(self.train_stream)
         throughput, window_loss, window_count = Throughput(), 0.0, 0
         train_start, eval_time, eval_result, eval_step = time.perf_counter(), 0.0, {}, None
-        data_wait = 0.0
         step = self.start_step
         engine.train()
         while step < sched.total_steps:
@@ -273,9 +272,7 @@ class Trainer:
             for micro in range(cfg.optim.grad_accum):
                 waiting = time.perf_counter()
                 batch = next(batches)
-                waited = time.perf_counter() - waiting
-                throughput.waited(waited)
-                data_wait += waited
+                throughput.waited(time.perf_counter() - waiting)
                 images = batch["images"].to(self.dist.device, engine.input_dtype, non_blocking=True)
                 labels = batch["labels"].to(self.dist.device, non_blocking=True)
                 loss = F.cross_entropy(engine.module(images).float(), labels)
@@ -334,7 +331,7 @@ class Trainer:
                    "device": _device_name(self.dist.device), "precision": cfg.engine.precision,
                    "top1": eval_result.get("top1"), "eval_samples": eval_result.get("samples"),
                    "train_time_s": train_time, "eval_time_s": eval_time,
-                   **(self._throughput(images / train_time, data_wait / train_time) if images else dict.fromkeys(_THROUGHPUT_KEYS)),
+                   **(self._throughput(images / train_time, throughput.total_data_wait / train_time) if images else dict.fromkeys(_THROUGHPUT_KEYS)),
                    "forward_flops_per_image": self.flops.forward, "train_flops_per_image": self.flops.train,
                    "peak_memory_gib": max(all_gather_float(peak_memory_gib(self.dist.device))),
                    "trainable_params": self.trainable, "total_params": self.total_params,
