@@ -6,7 +6,7 @@
 The model is built on the meta device (a ViT-g in about a second, no memory). Memory per rank counts the
 model states only (weights, fp32 master copies, gradients, AdamW's two moments, SPT/GPS scores), as the ZeRO
 paper does; activations come on top and depend on the batch. Trainable counts of SPT/GPS are the budget's
-target (the allocation lands within a module of it) plus what always trains (head; GPS: every bias).
+target (the allocation lands within a module of it) plus what always trains (head; GPS: Linear/conv biases).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _trainable(cfg: Config, model, layout) -> int:
     if name in ("spt_lora", "spt_adapter"):
         return target_cost(cfg.selection.budget, layout) + head
     if name == "gps":
-        return sum(u.rows * cfg.selection.k for u in layout.units) + layout.bias_params + head
+        return sum(u.rows * cfg.selection.k for u in layout.units) + layout.fixed_full_params + head
     return trainable_parameters(apply_method(model, cfg.method))[0]
 
 

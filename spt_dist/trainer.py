@@ -168,7 +168,7 @@ class Trainer:
             with open(os.path.join(directory, name), "rb") as f:
                 self.allocation_files[name] = f.read()
         return apply_allocation(model, record, indices, sparse_update=method.sparse_update,
-                                dropout=method.lora_dropout)
+                                dropout=method.lora_dropout, drop_path=method.module_drop_path)
 
     def _check_resumable(self, checkpoint: Checkpoint) -> None:
         saved, now = checkpoint.state["config"], self.cfg.to_dict()

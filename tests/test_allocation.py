@@ -50,7 +50,7 @@ def brute_force_spt(layout, sel: SelectionConfig) -> dict:
         return full[i] if full[i] is not None and n > 0 and n * factor[i] >= full[i] else n
 
     picks = [0] * len(layout.units)
-    cost = layout.cls_token_params
+    cost = layout.fixed_full_params
     costs = [cost]
     for e in order:
         u = unit_of[e]
@@ -107,7 +107,7 @@ def test_spt_cut_is_the_brute_force_optimum(distributed_results):
         assert record["cost"] == want["cost"], key
         assert [u["picks"] for u in record["units"]] == want["picks"], key
         assert got["indices"] == want["indices"], key
-        assert sum(u["cost"] for u in record["units"]) + layout.cls_token_params == record["cost"]
+        assert sum(u["cost"] for u in record["units"]) + layout.fixed_full_params == record["cost"]
         structured_seen |= {u["decision"] for u in record["units"]}
     assert {"lora", "adapter", "sparse", "full"} <= structured_seen, "the budgets must exercise every decision"
 
@@ -124,14 +124,14 @@ def test_costs_are_monotone_and_follow_the_rules():
     layout = build_layout(create_model(*LAYOUT_MODEL, device="meta"), "spt")
     costs = UnitCosts(layout, "lora", 8, 10.0, 5.0)
     q = next(i for i, u in enumerate(layout.units) if u.name == "blocks.0.attn.q")
-    bias = next(i for i, u in enumerate(layout.units) if u.name == "blocks.0.attn.qkv.bias")
+    bias = next(i for i, u in enumerate(layout.units) if u.name == "blocks.0.mlp.fc1.bias")
     picks = torch.zeros(len(layout.units), dtype=torch.int64)
     lora = 8 * (64 + 64)
     for n, want in [(0, 0), (1, 1), (102, 102), (103, lora), (4096, lora)]:  # switches at n >= 1024 / 10
         picks[q] = n
         assert int(costs.per_unit(picks)[q]) == want
     picks[q] = 0
-    for n, want in [(1, 1), (38, 38), (39, 192), (192, 192)]:  # a 192-long vector goes full at n >= 38.4
+    for n, want in [(1, 1), (25, 25), (26, 128), (128, 128)]:  # a 128-long vector goes full at n >= 25.6
         picks[bias] = n
         assert int(costs.per_unit(picks)[bias]) == want
 

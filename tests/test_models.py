@@ -84,6 +84,32 @@ def test_tuned_layer_starts_at_base_and_merges():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_module_drop_path_drops_whole_samples_of_the_module_output_in_training_only():
+    """SPEC 2: drop-path on the LoRA/Adapter output, per sample; the base layer's output is never dropped."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 48)
+    x = torch.randn(64, 3, 16)
+    plain = base(x).detach()
+    layer = Tuned(base)
+    layer.add_lora("q", (0, 16), rank=4)
+    layer.add_adapter("v", (32, 48), rank=2)
+    layer.set_dropout(0.0, drop_path=0.5)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.startswith(("lora_B", "adapter_up")):
+                p.normal_()
+    with torch.no_grad():
+        full = layer.eval()(x)  # eval: nothing dropped
+        trained = layer.train()(x)
+    for rows in ((0, 16), (32, 48)):
+        base_part, module_part = plain[..., rows[0]:rows[1]], (full - plain)[..., rows[0]:rows[1]]
+        got = trained[..., rows[0]:rows[1]]
+        dropped = torch.isclose(got, base_part, atol=1e-6).flatten(1).all(1)
+        kept = torch.isclose(got, base_part + 2 * module_part, atol=1e-5).flatten(1).all(1)
+        assert bool((dropped ^ kept).all()) and 10 < int(dropped.sum()) < 54  # each sample one or the other
+    assert torch.equal(trained[..., 16:32], plain[..., 16:32])
+
+
 def test_matrix_blocks_split_fused_qkv():
     blocks = matrix_blocks(create_model(TINY, 10))
     assert blocks["blocks.0.attn.q"] == ("blocks.0.attn.qkv", "q", (0, 64))

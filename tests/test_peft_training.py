@@ -154,3 +154,24 @@ def test_delta_training_matches_the_dense_masked_reference(method, world, alloca
     for key, value in trainable(sparse).items():
         if key in dense_params:
             torch.testing.assert_close(value, dense_params[key], rtol=1e-4, atol=1e-4)
+
+
+def test_gps_trainable_set_name_by_name(allocations):
+    """GPS (SPEC 3): the per-row picks of every weight (as deltas), the biases of the Linear/conv layers and the
+    head train; every norm, weight and bias, and pos_embed and cls_token stay frozen. The allocation's cost
+    counts exactly the picks and those biases."""
+    record, indices = read_allocation(str(allocations / "gps"))
+    model = apply_allocation(create_model("vit_test_tiny_patch8_32", 4), record, indices)
+    layers = ["patch_embed.proj"] + [f"blocks.{b}.{m}" for b in (0, 1)
+                                     for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable_names == {*(f"{layer}.bias" for layer in layers), *(f"{layer}.weight_delta" for layer in layers),
+                               "head.weight", "head.bias"}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    norms = {f"blocks.{b}.norm{i}.{w}" for b in (0, 1) for i in (1, 2) for w in ("weight", "bias")}
+    assert norms | {"norm.weight", "norm.bias", "cls_token", "pos_embed"} <= frozen
+    params = dict(model.named_parameters())
+    picks = sum(params[f"{layer}.weight_delta"].numel() for layer in layers)
+    biases = sum(params[f"{layer}.bias"].numel() for layer in layers)
+    assert picks == 2 * sum(params[f"{layer}.weight"].shape[0] for layer in layers)  # k = 2 per output row
+    assert record["cost"] == picks + biases and record["totals"]["full_vector_params"] == biases

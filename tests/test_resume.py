@@ -33,7 +33,7 @@ from tests.reference import dataset_classes, train_reference
 
 # LoRA with dropout (the RNG must come back) and random augmentation (so must each sample's), data read in a
 # DataLoader worker (its position must come back), 10 steps, a checkpoint after each, 2 kept.
-RECIPE = ["method.name=lora", "method.lora_dropout=0.1", "data.augment=true", "data.workers=1",
+RECIPE = ["method.name=lora", "method.lora_dropout=0.1", "method.module_drop_path=0.1", "data.augment=true", "data.workers=1",
           "optim.max_steps=10", "optim.warmup_epochs=0.1", "output.checkpoint_every=1", "output.keep_last=2",
           "output.log_samples=true", "engine.zero_stage=2"]
 

@@ -1,6 +1,7 @@
 """The PEFT model of an allocation (SPT or GPS): the backbone frozen, and trainable only what the allocation
 chose: sparse deltas, LoRA or Adapter modules on matrices (q, k, v blocks of the fused qkv separately), fully
-tuned vectors; plus the head, and for SPT the cls_token, for GPS every bias (SPEC 2-3).
+tuned vectors (a row block of the fused qkv bias alone: a delta on its rows); plus the head, and for SPT the
+cls_token (SPEC 2-3; GPS's biases are the allocation's fully tuned vectors).
 
 `describe(model)` and `apply_description(model, description)` are the structure as plain JSON: the artifact
 stores it, so a fresh timm model can be given the same trainable structure again.
@@ -41,10 +42,27 @@ def _tune(model: nn.Module, tensor: str) -> tuple[Tuned, str]:
                         "another model?") from None
 
 
+def _full_rows(unit: dict, param: torch.Tensor) -> torch.Tensor | None:
+    """The flat indices of a fully tuned vector that is a row block of its tensor (a fused bias's q, k or v);
+    None when the unit is the whole tensor."""
+    rows = unit.get("rows")
+    if rows is None or list(rows) == [0, param.numel()]:
+        return None
+    if param.ndim != 1 or not (isinstance(rows, list) and len(rows) == 2 and all(type(r) is int for r in rows)
+                               and 0 <= rows[0] < rows[1] <= param.numel()):
+        raise UserError(f"allocation: unit '{unit['name']}': rows {rows} do not fit '{unit['tensor']}' "
+                        f"(shape {list(param.shape)})")
+    return torch.arange(rows[0], rows[1])
+
+
 def apply_allocation(model: nn.Module, record: dict, indices: dict[str, torch.Tensor], *,
-                     sparse_update: str = "delta", dropout: float = 0.0) -> nn.Module:
+                     sparse_update: str = "delta", dropout: float = 0.0, drop_path: float = 0.0) -> nn.Module:
+    if record["method"] == "gps" and "full_vectors" not in record["totals"]:
+        raise UserError("allocation: a GPS allocation of an older spt_dist (it trained the norms' biases too); "
+                        "make it again with `--stage allocate`")
     model.requires_grad_(False)
     params = dict(model.named_parameters())
+    sparse = {name: index.to(torch.int64) for name, index in indices.items()}
     for unit in record["units"]:
         decision, tensor = unit["decision"], unit["tensor"]
         if tensor not in params:
@@ -58,19 +76,19 @@ def apply_allocation(model: nn.Module, record: dict, indices: dict[str, torch.Te
                 tuned.add_lora(block, (r0, r1), unit["rank"], scale=1.0)  # SPEC 2: no alpha/r scaling
             else:
                 tuned.add_adapter(block, (r0, r1), unit["rank"])
-            tuned.set_dropout(dropout)
+            tuned.set_dropout(dropout, drop_path)
         elif decision == "full":
-            params[tensor].requires_grad_(True)
-    for tensor, index in indices.items():
+            rows = _full_rows(unit, params[tensor])
+            if rows is None:
+                params[tensor].requires_grad_(True)
+            else:  # trains those entries only, as sparse entries do; joins the tensor's sparse picks, if any
+                picked = sparse.get(tensor, torch.zeros(0, dtype=torch.int64))
+                sparse[tensor] = torch.unique(torch.cat([picked, rows]))
+    for tensor, index in sparse.items():
         tuned, name = _tune(model, tensor)
         tuned.add_sparse(name, index, sparse_update)
     if record["method"] == "spt" and getattr(model, "cls_token", None) is not None:
         model.cls_token.requires_grad_(True)
-    if record["method"] == "gps":
-        head = {id(p) for p in model.get_classifier().parameters()}
-        for name, p in model.named_parameters():
-            if name.endswith(".bias") and id(p) not in head:
-                p.requires_grad_(True)
     model.get_classifier().requires_grad_(True)
     return model
 

@@ -24,7 +24,7 @@ def apply_method(model: nn.Module, cfg: MethodConfig) -> nn.Module:
             if kind in cfg.lora_targets:
                 layer = tune(model, path)  # LoRA parameters are created trainable
                 layer.add_lora(kind, rows, cfg.lora_rank, alpha / cfg.lora_rank)
-                layer.set_dropout(cfg.lora_dropout)
+                layer.set_dropout(cfg.lora_dropout, cfg.module_drop_path)
     model.get_classifier().requires_grad_(True)  # every method trains the new head
     return model
 

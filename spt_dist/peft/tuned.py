@@ -9,8 +9,10 @@ parameters before its forward; FSDP2 shards per block):
   see _LinearWithDelta); vectors and the patch-embedding conv take the dense gradient gathered at the indices;
   or, in `dense_masked` mode (the GPS reference's way, for comparison), the whole parameter trains and a
   bool mask zeroes the gradient of every other entry;
-- LoRA on row blocks of a Linear (parallel: y[rows] += scale · B A dropout(x); A kaiming-uniform, B zero);
-- Adapters on row blocks of a Linear (sequential: y[rows] += up(GELU(down(dropout(y[rows])))), up zero).
+- LoRA on row blocks of a Linear (parallel: y[rows] += drop_path(scale · B A dropout(x)); A kaiming-uniform,
+  B zero);
+- Adapters on row blocks of a Linear (sequential: y[rows] += drop_path(up(GELU(down(dropout(y[rows]))))), up
+  zero). Dropout and drop-path (per sample) are the SPT reference's, 0.1 each in its recipe (SPEC 2).
 A block is a row range: timm's fused qkv carries separate q, k and v modules.
 """
 
@@ -20,6 +22,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from torch import nn
 
 SPARSE_MODES = ("delta", "dense_masked")
@@ -97,6 +100,7 @@ class Tuned(nn.Module):
         self.adapters: dict[str, tuple[int, int]] = {}
         self.lora_scale = 1.0
         self.dropout = nn.Identity()
+        self.drop_path = nn.Identity()
 
     # ------------------------------------------------------------------------------------------ building
 
@@ -143,8 +147,10 @@ class Tuned(nn.Module):
         self.register_parameter(f"adapter_up_bias_{block}", nn.Parameter(torch.zeros(width, device=w.device, dtype=w.dtype)))
         self.adapters[block] = tuple(rows)
 
-    def set_dropout(self, p: float) -> None:
+    def set_dropout(self, p: float, drop_path: float = 0.0) -> None:
+        """Dropout on the modules' input, per-sample drop-path on their output (training only)."""
         self.dropout = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -175,7 +181,7 @@ class Tuned(nn.Module):
             for block, (r0, r1) in self.lora.items():
                 # In place on the layer's output: no backward here needs that output.
                 a, b = getattr(self, f"lora_A_{block}"), getattr(self, f"lora_B_{block}")
-                y[..., r0:r1] += self.lora_scale * F.linear(F.linear(h, a), b)
+                y[..., r0:r1] += self.drop_path(self.lora_scale * F.linear(F.linear(h, a), b))
         if self.adapters:  # sequential on row blocks: the block's output is the adapter's input, so rebuild y
             pieces, start = [], 0
             for block, (r0, r1) in sorted(self.adapters.items(), key=lambda item: item[1]):
@@ -183,7 +189,7 @@ class Tuned(nn.Module):
                 down = F.linear(self.dropout(piece), getattr(self, f"adapter_down_{block}"),
                                 getattr(self, f"adapter_down_bias_{block}"))
                 up = F.linear(F.gelu(down), getattr(self, f"adapter_up_{block}"), getattr(self, f"adapter_up_bias_{block}"))
-                pieces += [y[..., start:r0], piece + up]
+                pieces += [y[..., start:r0], piece + self.drop_path(up)]
                 start = r1
             y = torch.cat([*pieces, y[..., start:]], dim=-1)
         return y

@@ -70,6 +70,8 @@ def allocate_spt(scores: LocalScores, layout: Layout, sel: SelectionConfig) -> A
                  "decision": decision, "cost": unit_cost[i]}
         if u.kind == "matrix":
             entry["rows"] = [u.start // u.cols, u.stop // u.cols]
+        elif u.size != layout.tensor(u.tensor).numel:  # a fused bias's row block: its own vector
+            entry["rows"] = [u.start, u.stop]
         if decision in ("lora", "adapter"):
             entry["rank"] = sel.module_rank
         units.append(entry)
@@ -99,7 +101,7 @@ def allocate_spt(scores: LocalScores, layout: Layout, sel: SelectionConfig) -> A
             "module_params": sum(u["cost"] for u in by(sel.structured)) if sel.structured != "none" else 0,
             "full_vectors": len(by("full")),
             "full_vector_params": sum(u["cost"] for u in by("full")),
-            "cls_token": layout.cls_token_params,
+            "cls_token": layout.fixed_full.get("cls_token", 0),
         },
         "units": units,
     }
@@ -111,14 +113,18 @@ def allocate_gps(scores: LocalScores, layout: Layout, sel: SelectionConfig) -> A
     indices = {name: idx.to(_index_dtype(layout)) for name, idx in rows.items()}
     units = [{"name": u.name, "tensor": u.tensor, "kind": u.kind, "size": u.size, "picks": u.rows * sel.k,
               "decision": "sparse", "cost": u.rows * sel.k} for u in layout.units]
-    sparse = sum(u["cost"] for u in units)
+    # What GPS trains in full whatever the scores (SPEC 3): Linear/conv biases and layer scales.
+    units += [{"name": name, "tensor": name, "kind": "vector", "size": numel, "decision": "full", "cost": numel}
+              for name, numel in layout.fixed_full.items()]
+    sparse = sum(u["cost"] for u in units if u["decision"] == "sparse")
     record = {
         "method": "gps",
         "settings": {"k": sel.k},
-        "cost": sparse + layout.bias_params,
+        "cost": sparse + layout.fixed_full_params,
         "scored_params": layout.scored_params,
         "backbone_params": layout.backbone_params,
-        "totals": {"sparse_entries": sparse, "sparse_units": len(units), "bias_params": layout.bias_params},
+        "totals": {"sparse_entries": sparse, "sparse_units": len(layout.units),
+                   "full_vectors": len(layout.fixed_full), "full_vector_params": layout.fixed_full_params},
         "units": units,
     }
     return Allocation(record, indices)

@@ -1,5 +1,6 @@
 """What is scored and what the allocation decides about: scored tensors, their canonical global index, and
-decision units (matrices, with timm's fused qkv split into q/k/v; vectors).
+decision units (matrices, with timm's fused qkv split into q/k/v; vectors, the fused qkv bias split the same
+way); and what a method trains in full whatever the scores.
 
 The canonical global index of an entry is (scored tensors in `named_parameters` order, concatenated) ×
 (row-major flat offset). It is the tie-breaker of equal scores, so it depends only on the model, never on
@@ -19,6 +20,10 @@ from spt_dist.peft.lora import matrix_blocks
 
 # Not scored by SPT (SPEC 2): the new head and the embeddings.
 _SPT_EXCLUDED_PREFIXES = ("head.", "cls_token", "reg_token", "pos_embed", "patch_embed.")
+# Learned tokens and position embeddings: GPS freezes them (SPEC 3; the reference names pos_embed and cls_token,
+# and would fail on the other tokens, which it never meets).
+_TOKENS = ("pos_embed", "cls_token", "reg_token", "dist_token")
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
 
 
 @dataclass(frozen=True)
@@ -61,12 +66,17 @@ class Layout:
     tensors: list[ScoredTensor]
     units: list[Unit]
     backbone_params: int  # every parameter except the head: what a fractional budget refers to
-    cls_token_params: int  # always trained by SPT, so always in the cost
-    bias_params: int  # every bias outside the head: GPS trains them all
+    # Trained in full whatever the scores, so always in the cost (name -> entries): SPT the cls_token; GPS the
+    # biases of Linear/conv layers and layer scales (SPEC 2-3). The head trains too but is never in the cost.
+    fixed_full: dict[str, int]
 
     @property
     def scored_params(self) -> int:
         return sum(t.numel for t in self.tensors)
+
+    @property
+    def fixed_full_params(self) -> int:
+        return sum(self.fixed_full.values())
 
     def tensor(self, name: str) -> ScoredTensor:
         return self._by_name[name]
@@ -88,17 +98,44 @@ def _block_of(name: str) -> int | None:
     return int(parts[1]) if parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit() else None
 
 
+def _head_names(model: nn.Module) -> set[str]:
+    head = {id(p) for p in model.get_classifier().parameters()}
+    return {n for n, p in model.named_parameters() if id(p) in head}
+
+
+def _norm_names(model: nn.Module) -> set[str]:
+    """Parameters of normalisation layers: by type, and by name as the GPS reference tests ('norm' in it)."""
+    out = {n for n, _ in model.named_parameters() if "norm" in n}
+    for path, module in model.named_modules():
+        if isinstance(module, _NORM_TYPES) or type(module).__name__.endswith(("Norm", "Norm2d")):
+            out |= {f"{path}.{n}" if path else n for n, _ in module.named_parameters(recurse=False)}
+    return out
+
+
+def gps_roles(model: nn.Module) -> dict[str, str]:
+    """GPS's rule for every parameter outside the head (SPEC 3), tested in the reference's order: norms (weight
+    and bias) and the tokens 'frozen'; then biases and layer scales ('gamma') 'full'; every other weight matrix
+    or conv kernel 'rows' (per-row top-K of its scores). The head trains in full."""
+    head, norms = _head_names(model), _norm_names(model)
+    roles = {}
+    for name, p in model.named_parameters():
+        if name in head:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if name in norms or name.split(".", 1)[0] in _TOKENS:
+            roles[name] = "frozen"
+        elif "bias" in leaf or "gamma" in leaf:
+            roles[name] = "full"
+        else:
+            roles[name] = "rows" if p.ndim >= 2 else "frozen"
+    return roles
+
+
 def scored_names(model: nn.Module, method: str) -> list[str]:
     """SPT: every parameter of the blocks and the final norm. GPS: every weight (matrix or conv) but the head."""
-    head = {f"{n}." for n, m in model.named_modules() if m is model.get_classifier()}
-    names = []
-    for name, p in model.named_parameters():
-        if method == "spt":
-            if not name.startswith(_SPT_EXCLUDED_PREFIXES):
-                names.append(name)
-        elif p.ndim >= 2 and name.endswith(".weight") and not any(name.startswith(h) for h in head):
-            names.append(name)
-    return names
+    if method == "gps":
+        return [name for name, role in gps_roles(model).items() if role == "rows"]
+    return [name for name, _ in model.named_parameters() if not name.startswith(_SPT_EXCLUDED_PREFIXES)]
 
 
 def build_layout(model: nn.Module, method: str) -> Layout:
@@ -109,20 +146,26 @@ def build_layout(model: nn.Module, method: str) -> Layout:
         tensors.append(ScoredTensor(name, tuple(params[name].shape), offset))
         offset += params[name].numel()
 
-    # Matrices: timm's qkv becomes three units (its q/k/v row blocks); other block Linears one each.
-    linear_units: dict[str, list[tuple[str, str, tuple[int, int]]]] = {}
+    # Matrices: a fused Linear (timm's qkv) becomes one unit per row block (q, k, v); other block Linears one
+    # each. The reference builds q, k and v as Linears of their own, so a fused bias is one vector per row
+    # block too (SPEC 2): judged, charged and trained alone.
+    blocks_of: dict[str, list[tuple[str, str, tuple[int, int]]]] = {}
     for unit_name, (path, kind, rows) in matrix_blocks(model).items():
-        linear_units.setdefault(f"{path}.weight", []).append((unit_name, kind, rows))
+        blocks_of.setdefault(path, []).append((unit_name, kind, rows))
 
     units = []
     for t in tensors:
         block = _block_of(t.name)
-        if t.name in linear_units:
+        path, _, leaf = t.name.rpartition(".")
+        fused = blocks_of.get(path, [])
+        if leaf == "weight" and fused:
             cols = t.shape[1]
-            for unit_name, kind, (r0, r1) in linear_units[t.name]:
+            for unit_name, kind, (r0, r1) in fused:
                 units.append(Unit(unit_name, t.name, r0 * cols, r1 * cols, "matrix", r1 - r0, cols, kind, block))
+        elif leaf == "bias" and len(fused) > 1:
+            for unit_name, _, (r0, r1) in fused:
+                units.append(Unit(f"{unit_name}.bias", t.name, r0, r1, "vector", 1, r1 - r0, "bias", block))
         elif len(t.shape) == 1:
-            leaf = t.name.rsplit(".", 1)[-1]
             kind = "bias" if leaf == "bias" else "norm" if "norm" in t.name else leaf
             units.append(Unit(t.name, t.name, 0, t.numel, "vector", 1, t.numel, kind, block))
         else:
@@ -131,10 +174,11 @@ def build_layout(model: nn.Module, method: str) -> Layout:
 
     head_params = sum(p.numel() for p in model.get_classifier().parameters())
     backbone = sum(p.numel() for p in model.parameters()) - head_params
-    cls = model.cls_token.numel() if getattr(model, "cls_token", None) is not None else 0
-    head = {id(p) for p in model.get_classifier().parameters()}
-    biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias") and id(p) not in head)
-    return Layout(tensors, units, backbone, cls, biases)
+    if method == "gps":
+        fixed = {n: params[n].numel() for n, role in gps_roles(model).items() if role == "full"}
+    else:
+        fixed = {"cls_token": model.cls_token.numel()} if getattr(model, "cls_token", None) is not None else {}
+    return Layout(tensors, units, backbone, fixed)
 
 
 def module_cost(unit: Unit, structured: str, rank: int) -> int:
@@ -167,7 +211,7 @@ class UnitCosts:
         self.full_cost = torch.tensor(full, dtype=torch.float64)
         factor = [alpha if k == "matrix" else beta if k == "vector" else 0.0 for k in kinds]
         self.factor = torch.tensor(factor, dtype=torch.float64)
-        self.base = layout.cls_token_params
+        self.base = layout.fixed_full_params
 
     def switched(self, picks: torch.Tensor) -> torch.Tensor:
         """Which units take their full/structured cost at these pick counts ([..., units] int64)."""

@@ -68,7 +68,8 @@ def summary(record: dict) -> str:
         ]
     else:
         lines = [f"GPS allocation (top-{record['settings']['k']} inputs per row): {t['sparse_entries']:,} sparse "
-                 f"entries + {t['bias_params']:,} bias params = {record['cost']:,} "
+                 f"entries + {t['full_vectors']} full vectors ({t['full_vector_params']:,}: biases, layer "
+                 f"scales) = {record['cost']:,} "
                  f"({100 * record['cost'] / record['backbone_params']:.3f}% of {record['backbone_params']:,} "
                  "backbone params)"]
     blocks, cells = _grid(record)
