@@ -1,67 +1,7 @@
-"""Entry point: `deepspeed launch/train.py --config configs/demo.yaml [key=value ...]`.
+"""Entry point: `deepspeed launch/train.py --config configs/demo.yaml [key=value ...]` (see spt_dist/train.py;
+the same as `torchrun … -m spt_dist.train` and the `spt-train` command)."""
 
-Also runs under `torchrun --nproc_per_node N`, under `srun`, or as a plain single process. On a machine
-without GPUs it uses DeepSpeed's CPU accelerator and gloo by itself.
-"""
-
-import argparse
-import os
-import sys
-
-from spt_dist.config import load_config
-from spt_dist.distributed import init_distributed, shutdown_distributed
-from spt_dist.errors import Stopped, UserError
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", action="append", metavar="YAML",
-                        help="run config (see configs/); repeat to compose several, merged in order "
-                             "(e.g. a backbone, a method and a task file)")
-    parser.add_argument("--stage", default="train", choices=["train", "score", "allocate", "select"],
-                        help="train (default); score: the score pass alone (scores saved in the run directory); "
-                             "allocate: the allocation from saved scores (e.g. with another selection.budget); "
-                             "select: score then allocate")
-    parser.add_argument("--resume", metavar="latest|PATH",
-                        help="continue a run: `latest` (output.dir/output.name's newest checkpoint, or a first start "
-                             "if there is none: safe for requeued jobs), a run directory or a checkpoint directory")
-    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
-    return parser.parse_intermixed_args(argv)  # options and key=value in any order, e.g. --config a k=v --config b
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    rank = int(os.environ.get("RANK", "0"))
-    try:
-        cfg = load_config(args.config, args.overrides)  # before any process group: fails fast on every rank
-        dist_info = init_distributed(cfg.engine.timeout_s)
-        # Heavy imports (deepspeed, timm) only once the config is sound.
-        if args.stage == "train":
-            from spt_dist.trainer import Trainer
-            Trainer(cfg, dist_info, resume=args.resume).fit()
-        else:
-            from spt_dist.selection.stage import run_selection
-            run_selection(cfg, dist_info, args.stage, resume=args.resume)
-        shutdown_distributed()
-    except Stopped as e:  # preempted: saved, and every rank stopped at the same point
-        shutdown_distributed()
-        if rank == 0:
-            print(f"spt_dist: {e}", flush=True)
-        return 0
-    except UserError as e:
-        shutdown_distributed(wait=False)
-        if rank == 0:  # every rank hits the same mistake; say it once
-            print(f"spt_dist: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
-
+from spt_dist.train import run
 
 if __name__ == "__main__":
-    code = main()
-    # Everything is saved and the process group is gone. Skip the interpreter's teardown: a C++ thread of the
-    # collective backends that is still joinable when static objects are destroyed aborts the process
-    # ("terminate called without an active exception", seen now and then with gloo), failing a finished job.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    run()

@@ -20,6 +20,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,13 +29,13 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from spt_dist import runfiles
 from spt_dist.atomic import write_json, write_safetensors
 from spt_dist.data.shards import read_json
 from spt_dist.engines.base import ADAM_STATE, Engine
 from spt_dist.errors import UserError
 
-CHECKPOINTS = "checkpoints"
-STATE_JSON = "state.json"
+CHECKPOINTS, STATE_JSON = runfiles.CHECKPOINTS, runfiles.STATE_JSON
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -105,6 +106,33 @@ def save_checkpoint(run_dir: str, step: int, *, engine: Engine, state: dict, ran
         _prune(root, keep_last)
     dist.barrier()
     return final
+
+
+class CheckpointManager:
+    """When a training run saves and what it last saved: every `every` steps, every `every_min` minutes (rank
+    0's clock; the trainer makes every rank agree), on a stop signal and at the end; `keep_last` kept.
+    `files`: more files every checkpoint carries (the allocation being trained)."""
+
+    def __init__(self, run_dir: str, rank: int, *, every: int, every_min: float, keep_last: int,
+                 files: dict[str, bytes], saved_step: int | None = None) -> None:
+        self.run_dir, self.rank, self.every, self.every_min = run_dir, rank, every, every_min
+        self.keep_last, self.files = keep_last, files
+        self.saved_step = saved_step  # the step the newest checkpoint of this run holds (a resume's own)
+        self.last: str | None = None  # the newest checkpoint this process wrote
+        self._saved_at = time.monotonic()
+
+    def step_due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def clock_due(self) -> bool:
+        return self.rank == 0 and self.every_min > 0 and time.monotonic() - self._saved_at >= 60 * self.every_min
+
+    def save(self, step: int, engine: Engine, state: dict, rank_state: dict) -> str:
+        """Collective: see save_checkpoint."""
+        self.last = save_checkpoint(self.run_dir, step, engine=engine, state=state, rank=self.rank,
+                                    rank_state=rank_state, files=self.files, keep_last=self.keep_last)
+        self.saved_step, self._saved_at = step, time.monotonic()
+        return self.last
 
 
 def _prune(root: str, keep_last: int) -> None:

@@ -19,6 +19,7 @@ import yaml
 from spt_dist.atomic import write_text
 from spt_dist.data.benchmarks import SUITES, find_task
 from spt_dist.errors import UserError
+from spt_dist.methods import get_method
 
 
 @dataclass
@@ -89,9 +90,10 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    # full, linear, lora: the baselines. spt_lora, spt_adapter, gps: train what the allocation of `selection`
-    # chose (read from `allocation`, or from this run's directory, made there first if absent).
-    name: Literal["full", "linear", "lora", "spt_lora", "spt_adapter", "gps"] = "full"
+    # A registered method (spt_dist.methods): full, linear, lora are baselines; spt_lora, spt_adapter, gps train
+    # what the allocation of `selection` chose (read from `allocation`, or from this run's directory, made there
+    # first if absent).
+    name: str = "full"
     allocation: str | None = None  # a run directory holding allocation.json and allocation.safetensors
     # How sparse entries train: delta (a zero-initialised delta on exactly those entries: state and traffic sized
     # by them) or dense_masked (the whole tensor trains with the other entries' gradients zeroed, as the GPS
@@ -105,8 +107,9 @@ class MethodConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["q", "v"])
 
     def validate(self) -> None:
+        get_method(self.name)  # an unknown name fails here, naming the known ones
         _check(self.lora_rank > 0, "method.lora_rank", self.lora_rank, "must be > 0")
-        _check(self.allocation is None or self.name in ("spt_lora", "spt_adapter", "gps"), "method.allocation",
+        _check(self.allocation is None or get_method(self.name).selects, "method.allocation",
                self.allocation, f"method.name {self.name} trains no allocation")
         _check(0.0 <= self.lora_dropout < 1.0, "method.lora_dropout", self.lora_dropout, "must be in [0, 1)")
         _check(0.0 <= self.module_drop_path < 1.0, "method.module_drop_path", self.module_drop_path,
@@ -121,7 +124,7 @@ class MethodConfig:
 class SelectionConfig:
     """Sensitivity scoring and parameter allocation (SPT, GPS): ../shared/SPEC.md sections 2-3."""
 
-    method: Literal["spt", "gps"] | None = None  # None: gps for method.name gps, else spt
+    method: Literal["spt", "gps"] | None = None  # None: what method.name selects (spt for baselines)
     # Score pass. SPT: s = sum_b g_b^2 of the CE gradient; GPS: s = |sum_b g_b| of `loss`.
     loss: Literal["ce", "supcon"] | None = None  # None: spt -> ce, gps -> supcon
     temperature: float = 0.07  # supervised contrastive loss
@@ -132,7 +135,7 @@ class SelectionConfig:
     augment: bool | None = None  # None: gps -> contrastive views (crop, flip, jitter, grey); spt -> none
     # SPT allocation.
     budget: float = 0.01  # >= 1: a parameter count; < 1: a fraction of the backbone's parameters
-    structured: Literal["lora", "adapter", "none"] | None = None  # None: adapter for spt_adapter, else lora
+    structured: Literal["lora", "adapter", "none"] | None = None  # None: what method.name uses, else lora
     module_rank: int = 8
     alpha: float = 10.0  # a matrix gets the module when picks >= module cost / alpha
     beta: float = 5.0  # a vector is tuned fully when picks >= length / beta
@@ -143,11 +146,12 @@ class SelectionConfig:
     checkpoint_every: int = 0
 
     def resolved(self, method_name: str = "") -> "SelectionConfig":
-        """This selection with unset `method` / `structured` as `method.name` implies (gps -> GPS, spt_adapter
-        -> Adapters; otherwise SPT with LoRA)."""
+        """This selection with unset `method` / `structured` as `method.name` implies (its registration, e.g.
+        gps -> GPS, spt_adapter -> Adapters; otherwise SPT with LoRA)."""
+        implied = get_method(method_name) if method_name else None
         return dataclasses.replace(
-            self, method=self.method or ("gps" if method_name == "gps" else "spt"),
-            structured=self.structured or ("adapter" if method_name == "spt_adapter" else "lora"))
+            self, method=self.method or (implied and implied.selection) or "spt",
+            structured=self.structured or (implied and implied.structured) or "lora")
 
     @property
     def score_loss(self) -> str:
@@ -267,7 +271,7 @@ class Config:
         gps -> GPS. Unset keys take it; set keys must agree."""
         sel, name = self.selection, self.method.name
         implied = dataclasses.replace(sel, method=None, structured=None).resolved(name)
-        if name in ("spt_lora", "spt_adapter", "gps"):
+        if get_method(name).selects:
             _check(sel.method in (None, implied.method), "selection.method", sel.method,
                    f"method.name {name} needs {implied.method}")
             _check(sel.structured in (None, implied.structured) or implied.method == "gps", "selection.structured",

@@ -1,4 +1,6 @@
-"""Process-group setup: NCCL on CUDA, gloo on CPU; also works as a plain single process (no launcher)."""
+"""Process-group setup: NCCL on CUDA, gloo on CPU; also works as a plain single process (no launcher).
+
+The collectives below also work without any process group (a library user's plain loop): a world of one."""
 
 from __future__ import annotations
 
@@ -59,8 +61,27 @@ def shutdown_distributed(wait: bool = True) -> None:
         dist.destroy_process_group()
 
 
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def gather_to_main(obj) -> list | None:
+    """Every rank's picklable object, in rank order, on rank 0 (None on the others)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank `src`'s value of a picklable object, on every rank."""
+    if not dist.is_initialized():
+        return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
@@ -68,6 +89,8 @@ def broadcast_object(obj, src: int = 0):
 
 def all_reduce_(t: torch.Tensor) -> torch.Tensor:
     """Sums a CPU tensor over ranks in place and returns it (NCCL takes CUDA tensors only: a round trip there)."""
+    if not dist.is_initialized():
+        return t
     if dist.get_backend() == "nccl":
         on_device = t.cuda()
         dist.all_reduce(on_device)
@@ -79,6 +102,8 @@ def all_reduce_(t: torch.Tensor) -> torch.Tensor:
 
 def all_gather_tensor(t: torch.Tensor) -> list[torch.Tensor]:
     """Every rank's CPU tensor of the same shape, in rank order (on CPU)."""
+    if not dist.is_initialized():
+        return [t]
     on = t.cuda() if dist.get_backend() == "nccl" else t
     out = [torch.empty_like(on) for _ in range(dist.get_world_size())]
     dist.all_gather(out, on)
@@ -92,6 +117,8 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 
 def all_gather_float(value: float) -> list[float]:
     """Every rank's value of one number, in rank order."""
+    if not dist.is_initialized():
+        return [value]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from spt_dist.methods import get_method
+
 # Dense peak TFLOP/s per device by precision, from the vendors' data sheets (SXM parts where both exist).
 # fp32 is the plain FP32 rate: torch keeps TF32 matmuls off unless asked.
 _PEAK_TFLOPS = (  # (substring of torch.cuda.get_device_name(), bf16, fp32)
@@ -37,8 +39,9 @@ class ModelFlops:
 
 
 def count_flops(model_name: str, num_classes: int, method: str, img_size: int | None = None) -> ModelFlops:
-    """FLOPs per image of `model_name` trained with `method` (full | linear | anything with a frozen backbone;
-    the trainer passes full for method.sparse_update=dense_masked, whose selected tensors train whole)."""
+    """FLOPs per image of `model_name` trained with `method` (a registered name; its `backward` says whether
+    every weight trains, only the head, or modules on a frozen backbone; the trainer passes full for
+    method.sparse_update=dense_masked, whose selected tensors train whole)."""
     from spt_dist.models import create_model  # noqa: PLC0415 - timm only when asked
 
     model = create_model(model_name, num_classes, img_size=img_size, device="meta")
@@ -46,11 +49,12 @@ def count_flops(model_name: str, num_classes: int, method: str, img_size: int | 
     with FlopCounterMode(display=False) as counter:
         model(image)
     forward = counter.get_total_flops()
-    model.requires_grad_(method == "full")
+    backward = get_method(method).backward
+    model.requires_grad_(backward == "full")
     model.get_classifier().requires_grad_(True)
     # A frozen backbone still back-propagates through every block to reach its trainable modules: an input
     # that requires grad makes the count do the same.
-    image.requires_grad_(method not in ("full", "linear"))
+    image.requires_grad_(backward == "frozen_backbone")
     with FlopCounterMode(display=False) as counter:
         model(image).sum().backward()
     return ModelFlops(forward=float(forward), train=float(counter.get_total_flops()))

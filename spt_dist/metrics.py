@@ -41,6 +41,20 @@ class Throughput:
         return result
 
 
+THROUGHPUT_KEYS = ("images_per_s", "images_per_s_per_device", "tflops_per_device", "mfu", "data_wait_share")
+
+
+def throughput_figures(images_per_s: float, data_share: float, world_size: int, train_flops_per_image: float,
+                       peak_tflops: float | None, prefix: str = "") -> dict[str, float | None]:
+    """images/s in all and per device, achieved TFLOP/s per device, MFU (where the peak is known) and the share
+    of the time spent waiting for data. With a prefix (TensorBoard tags) unknown values are left out."""
+    per_device = images_per_s / world_size
+    tflops = per_device * train_flops_per_image / 1e12
+    mfu = tflops / peak_tflops if peak_tflops else None
+    values = dict(zip(THROUGHPUT_KEYS, (images_per_s, per_device, tflops, mfu, data_share)))
+    return {prefix + k: v for k, v in values.items() if v is not None or not prefix}
+
+
 class RunLogger:
     """TensorBoard writer and tqdm bar, both live on rank 0 only; other ranks get no-ops."""
 

@@ -8,19 +8,19 @@ import torch
 from torch import nn
 
 from spt_dist.config import OptimConfig
-from spt_dist.peft.allocated import no_decay_parameters
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay on weight matrices only; never on biases, norms, the tokens timm names in `no_weight_decay()`, or
-    sparse entries (deltas are 1-D; a dense-masked tensor is all sparse entries)."""
+    sparse entries: deltas are 1-D, and a tensor trained through a gradient mask (a `<name>_mask` buffer beside
+    it: method.sparse_update=dense_masked) is all sparse entries."""
     skip = set(getattr(model, "no_weight_decay", lambda: ())())
-    masked = no_decay_parameters(model)
+    masked = {name.removesuffix("_mask") for name, _ in model.named_buffers() if name.endswith("_mask")}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name in skip or id(p) in masked else decay).append(p)
+        (no_decay if p.ndim <= 1 or name in skip or name in masked else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

@@ -15,8 +15,10 @@ import argparse
 import sys
 from dataclasses import dataclass
 
+from spt_dist.cli import command
 from spt_dist.config import Config, load_config
 from spt_dist.errors import UserError
+from spt_dist.methods import get_method
 
 GIB = 2**30
 
@@ -51,10 +53,10 @@ def _trainable(cfg: Config, model, layout) -> int:
     from spt_dist.selection.spt_allocation import target_cost  # noqa: PLC0415
 
     head = sum(p.numel() for p in model.get_classifier().parameters())
-    name = cfg.method.name
-    if name in ("spt_lora", "spt_adapter"):
+    selection = get_method(cfg.method.name).selection
+    if selection == "spt":
         return target_cost(cfg.selection.budget, layout) + head
-    if name == "gps":
+    if selection == "gps":
         return sum(u.rows * cfg.selection.k for u in layout.units) + layout.fixed_full_params + head
     return trainable_parameters(apply_method(model, cfg.method))[0]
 
@@ -67,7 +69,7 @@ def make_plan(cfg: Config, world_size: int, num_classes: int) -> Plan:
     model = create_model(cfg.model.name, num_classes, img_size=cfg.model.img_size, device="meta")
     total = sum(p.numel() for p in model.parameters())
     layout = build_layout(model, cfg.selection.method)
-    selects = cfg.method.name in ("spt_lora", "spt_adapter", "gps")
+    selects = get_method(cfg.method.name).selects
     trainable = _trainable(cfg, model, layout)
     flops = count_flops(cfg.model.name, num_classes, cfg.method.name, cfg.model.img_size)
     engine, bf16 = cfg.engine, cfg.engine.precision == "bf16"
@@ -100,30 +102,27 @@ def format_plans(cfg: Config, plans: list[Plan]) -> str:
     return "\n".join(lines)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m spt_dist.plan", description=__doc__,
+    parser = argparse.ArgumentParser(prog="spt-plan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", metavar="YAML", help="run config(s), as for launch/train.py")
     parser.add_argument("--world-size", default="1,8,16,64", help="comma-separated rank counts (default 1,8,16,64)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
     try:
-        cfg = load_config(args.config, args.overrides)
-        try:
-            world_sizes = [int(w) for w in args.world_size.split(",")]
-        except ValueError:
-            world_sizes = [0]
-        if any(w < 1 for w in world_sizes):
-            raise UserError(f"--world-size: comma-separated whole numbers >= 1, e.g. 8,16 (got {args.world_size!r})")
-        num_classes = cfg.data.num_classes
-        if num_classes is None:  # the task's class count, else a placeholder: the head is small next to the rest
-            from spt_dist.data.benchmarks import find_task  # noqa: PLC0415
-            found = find_task(cfg.data.task) if cfg.data.task else None
-            num_classes = found[1].classes if found else 1000
-        print(format_plans(cfg, [make_plan(cfg, w, num_classes) for w in world_sizes]))
-    except UserError as e:
-        print(f"spt_dist: error: {e}", file=sys.stderr)
-        return 2
+        world_sizes = [int(w) for w in args.world_size.split(",")]
+    except ValueError:
+        world_sizes = [0]
+    if any(w < 1 for w in world_sizes):
+        raise UserError(f"--world-size: comma-separated whole numbers >= 1, e.g. 8,16 (got {args.world_size!r})")
+    num_classes = cfg.data.num_classes
+    if num_classes is None:  # the task's class count, else a placeholder: the head is small next to the rest
+        from spt_dist.data.benchmarks import find_task  # noqa: PLC0415
+        found = find_task(cfg.data.task) if cfg.data.task else None
+        num_classes = found[1].classes if found else 1000
+    print(format_plans(cfg, [make_plan(cfg, w, num_classes) for w in world_sizes]))
     return 0
 
 

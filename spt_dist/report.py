@@ -25,11 +25,13 @@ from collections import defaultdict
 import yaml
 
 from spt_dist.atomic import atomic_path, write_text
+from spt_dist import runfiles
+from spt_dist.cli import command
 from spt_dist.data.benchmarks import SUITES, VTAB_GROUPS, find_task
 from spt_dist.data.shards import read_json
 from spt_dist.errors import UserError
+from spt_dist.methods import get_method
 
-PEFT_METHODS = ("spt_lora", "spt_adapter", "gps")
 # (column, format) of the per-run table; None values print as empty cells.
 COLUMNS = (
     ("run", "{}"), ("task", "{}"), ("backbone", "{}"), ("method", "{}"), ("budget", "{}"), ("world_size", "{}"),
@@ -50,8 +52,8 @@ def find_runs(paths: list[str]) -> list[str]:
         if not os.path.isdir(path):
             raise UserError(f"report: no such directory '{path}'")
         for root, dirs, files in os.walk(path):
-            dirs[:] = sorted(d for d in dirs if d not in ("checkpoints", "tb", "scores", "peft", "samples", "logs"))
-            if "config.yaml" in files:
+            dirs[:] = sorted(d for d in dirs if d not in runfiles.NOT_RUNS)
+            if runfiles.CONFIG in files:
                 found.append(os.path.abspath(root))
                 dirs[:] = []  # a run directory holds no other runs
     if not found:
@@ -65,7 +67,7 @@ def pending_runs(paths: list[str]) -> list[dict]:
     for path in paths:
         manifest = read_json(os.path.join(path, "sweep.json"))
         for run in (manifest or {}).get("runs", []):
-            if not os.path.isfile(os.path.join(path, run["name"], "config.yaml")):
+            if not os.path.isfile(os.path.join(path, run["name"], runfiles.CONFIG)):
                 rows.append({"run": run["name"], "world_size": run["world_size"], "status": "pending"})
     return rows
 
@@ -77,27 +79,23 @@ def _settings_id(cfg: dict) -> str:
 
 
 def _budget(cfg: dict) -> str | None:
-    method, sel = cfg["method"]["name"], cfg["selection"]
-    if method == "gps":
-        return f"k={sel['k']}"
-    if method in ("spt_lora", "spt_adapter"):
-        return f"{sel['budget']:g}"
-    if method == "lora":
-        return f"r={cfg['method']['lora_rank']}"
-    return None
+    try:
+        return get_method(cfg["method"]["name"]).budget_label(cfg)
+    except UserError:  # a method this version does not know (a run of another version): no budget column
+        return None
 
 
 def read_run(run_dir: str) -> dict:
     """One row: the run's config, metrics.json and selection timings."""
-    path = os.path.join(run_dir, "config.yaml")
+    path = os.path.join(run_dir, runfiles.CONFIG)
     try:
         with open(path) as f:
             cfg = yaml.safe_load(f)
         cfg["model"]["name"], cfg["method"]["name"]  # noqa: B018 - a config.yaml we can read
     except (OSError, yaml.YAMLError, TypeError, KeyError):
         raise UserError(f"report: {path} is not a run's config (unreadable or incomplete)") from None
-    metrics = read_json(os.path.join(run_dir, "metrics.json"))
-    selection = read_json(os.path.join(run_dir, "selection-select.json")) or {}
+    metrics = read_json(os.path.join(run_dir, runfiles.METRICS))
+    selection = read_json(os.path.join(run_dir, runfiles.selection_timings("select"))) or {}
     engine = cfg["engine"]["kind"] + (f"-zero{cfg['engine']['zero_stage']}" if cfg["engine"]["kind"] == "deepspeed" else "")
     row = {"run": os.path.basename(run_dir), "path": run_dir, "task": cfg["data"].get("task"),
            "backbone": cfg["model"]["name"], "method": cfg["method"]["name"], "budget": _budget(cfg),
@@ -105,7 +103,7 @@ def read_run(run_dir: str) -> dict:
            "score_pass_s": selection.get("score_pass_s"),
            "allocation_s": selection.get("allocation_s")}
     if metrics is None:
-        has_checkpoint = os.path.isdir(os.path.join(run_dir, "checkpoints"))
+        has_checkpoint = os.path.isdir(os.path.join(run_dir, runfiles.CHECKPOINTS))
         return dict(row, status="stopped" if has_checkpoint else "unfinished")
     total, trainable = metrics["total_params"], metrics["trainable_params"]
     row.update({k: metrics.get(k) for k in ("top1", "world_size", "images_per_s", "images_per_s_per_device",
@@ -318,18 +316,14 @@ def write_report(paths: list[str], out: str) -> dict[str, str]:
     return files
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m spt_dist.report", description=__doc__,
+    parser = argparse.ArgumentParser(prog="spt-report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="run directories, or directories holding them (a sweep)")
     parser.add_argument("--out", help="output directory (default: <first path>/report)")
     args = parser.parse_args(argv)
-    try:
-        out = args.out or os.path.join(args.paths[0], "report")
-        files = write_report(args.paths, out)
-    except UserError as e:
-        print(f"spt_dist: error: {e}", file=sys.stderr)
-        return 2
+    files = write_report(args.paths, args.out or os.path.join(args.paths[0], "report"))
     with open(files["runs.md"]) as f:
         print(f.read(), end="")
     print(f"report: {', '.join(files.values())}")

@@ -8,6 +8,7 @@ import time
 import torch.distributed as dist
 
 from spt_dist.config import Config, save_config
+from spt_dist import runfiles
 from spt_dist.distributed import DistInfo, broadcast_object
 from spt_dist.errors import UserError
 
@@ -20,7 +21,7 @@ def prepare_run_dir(cfg: Config, dist_info: DistInfo, stage: str, run_dir: str |
     run_dir = broadcast_object(run_dir or os.path.abspath(os.path.join(cfg.output.dir, name)))
     if dist_info.is_main:
         os.makedirs(run_dir, exist_ok=True)
-        save_config(cfg, os.path.join(run_dir, "config.yaml" if stage == "train" else f"config-{stage}.yaml"))
+        save_config(cfg, os.path.join(run_dir, runfiles.stage_config(stage)))
     dist.barrier()
     return run_dir
 

@@ -34,16 +34,17 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from spt_dist.atomic import write_text
+from spt_dist import runfiles
+from spt_dist.cli import TRAIN_MODULE, TRAIN_STAGES, command
 from spt_dist.config import Config, load_config
 from spt_dist.errors import UserError
 
-TRAIN_SCRIPT = str(Path(__file__).resolve().parent.parent / "launch" / "train.py")
+# How each launcher starts the training module (python -m / torchrun -m / deepspeed --module).
+_TRAIN = {"srun": ["-m", TRAIN_MODULE], "torchrun": ["-m", TRAIN_MODULE], "deepspeed": ["--module", TRAIN_MODULE]}
 LAUNCHERS = ("srun", "torchrun", "deepspeed")
-METRICS = "metrics.json"  # written by a finished training run (spt_dist/trainer.py)
-PARTIAL_SCORES = os.path.join("scores", "partial")  # a stopped score pass's state (spt_dist/selection/scores.py)
+PARTIAL_SCORES = os.path.join(runfiles.SCORES, runfiles.PARTIAL_SCORES)  # a stopped score pass's state
 SCRATCH_DIRS = {"TMPDIR": "tmp", "TORCH_EXTENSIONS_DIR": "torch_extensions", "TRITON_CACHE_DIR": "triton"}
 
 
@@ -208,7 +209,7 @@ class Plan:
 
 
 def slurm_dir(run_dir: str, job_id: int) -> str:
-    return os.path.join(run_dir, "slurm", f"job-{job_id}")
+    return os.path.join(run_dir, runfiles.SLURM, f"job-{job_id}")
 
 
 # A launcher's part of a plan: the training step, what each node runs, files to write first.
@@ -222,7 +223,7 @@ def make_plan(job: SlurmJob, launcher: str, train_args: list[str], run_dir: str,
     logs = slurm_dir(run_dir, job.job_id)
     step_env = {"OMP_NUM_THREADS": str(job.omp_threads)} if job.omp_threads else {}
     build = {"srun": _srun_ranks, "torchrun": _torchrun_agents, "deepspeed": _deepspeed_launcher}[launcher]
-    train_step, nodes, files = build(job, [TRAIN_SCRIPT, *train_args], logs, step_env)
+    train_step, nodes, files = build(job, [*_TRAIN[launcher], *train_args], logs, step_env)
     steps = [train_step]
     if copies:
         copy_step, copy_tasks = _copy_data(job, copies, logs)
@@ -341,7 +342,7 @@ def _unfinished_marker(run_dir: str, stage: str) -> tuple[str, bool]:
     """The path that tells, after an exit 0, that the run stopped early with its state saved: a training run
     is finished once metrics.json exists; a score pass stopped early leaves its partial scores."""
     if stage == "train":
-        return os.path.join(run_dir, METRICS), False
+        return os.path.join(run_dir, runfiles.METRICS), False
     return os.path.join(run_dir, PARTIAL_SCORES), True
 
 
@@ -373,7 +374,7 @@ def _launch_parser() -> argparse.ArgumentParser:
     parser.add_argument("--job-id", type=int, help="instead of SLURM_JOB_ID")
     train = parser.add_argument_group("train.py's arguments (passed on)")
     train.add_argument("--config", action="append", default=[], metavar="YAML")
-    train.add_argument("--stage", choices=["train", "score", "allocate", "select"])  # launch/train.py's
+    train.add_argument("--stage", choices=TRAIN_STAGES)  # spt_dist.train's
     train.add_argument("--resume", metavar="latest|RUN_DIR", help="default: latest")
     train.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
@@ -386,7 +387,7 @@ def _run_dir(cfg: Config, resume: str | None) -> str:
             raise UserError("output.name: not set; a Slurm job resumes its run by name after a requeue "
                             "(--resume latest): give output.name=...")
         return os.path.abspath(os.path.join(cfg.output.dir, cfg.output.name))
-    if os.path.isfile(os.path.join(resume, "state.json")):
+    if os.path.isfile(os.path.join(resume, runfiles.STATE_JSON)):
         raise UserError(f"--resume: '{resume}' is a checkpoint; give `latest` or a run directory (a requeued job "
                         "must continue from the newest checkpoint, not this one)")
     return os.path.abspath(resume)
@@ -478,17 +479,14 @@ def run_task(argv: list[str]) -> None:
     os.execvp(args.command[0], args.command)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"launch": launch, "task": run_task}
     if not argv or argv[0] not in commands:
-        print("usage: python -m spt_dist.slurm {launch,task} ... (see `launch --help`)", file=sys.stderr)
+        print("usage: spt-slurm {launch,task} ... (see `launch --help`)", file=sys.stderr)
         return 2
-    try:
-        return commands[argv[0]](argv[1:]) or 0
-    except UserError as e:
-        print(f"spt_dist: error: {e}", file=sys.stderr, flush=True)
-        return 2
+    return commands[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

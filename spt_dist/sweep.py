@@ -23,6 +23,8 @@ stopped one continues (`--resume latest`), so a sweep can simply be started agai
 
 from __future__ import annotations
 
+import argparse
+import importlib.resources
 import itertools
 import math
 import os
@@ -38,13 +40,14 @@ from typing import Any
 import yaml
 
 from spt_dist.atomic import write_json
+from spt_dist import runfiles
+from spt_dist.cli import TRAIN_MODULE, command
 from spt_dist.config import load_config, per_rank_batch_size
 from spt_dist.data.shards import read_json
 from spt_dist.errors import UserError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(REPO, "launch", "train.py")
-SBATCH = os.path.join(REPO, "launch", "slurm", "train.sbatch")
+# The job script (launch/slurm/train.sbatch in the repository), shipped inside the package.
+SBATCH = str(importlib.resources.files("spt_dist") / "train.sbatch")
 _SWEEP_KEYS = ("name", "config", "overrides", "grid")
 
 
@@ -56,7 +59,7 @@ class Run:
     world_size: int
 
     def train_args(self, sweep_dir: str) -> list[str]:
-        """launch/train.py's arguments for this run."""
+        """spt_dist.train's arguments for this run."""
         args = [a for path in self.configs for a in ("--config", path)]
         return args + ["--resume", "latest", *self.overrides, f"output.dir={_yaml_scalar(sweep_dir)}",
                        f"output.name={_yaml_scalar(self.name)}"]
@@ -167,13 +170,13 @@ def load_sweep(path: str, output_dir: str | None = None) -> Sweep:
 
 
 def is_finished(run_dir: str) -> bool:
-    return os.path.isfile(os.path.join(run_dir, "metrics.json"))
+    return os.path.isfile(os.path.join(run_dir, runfiles.METRICS))
 
 
 def check_unchanged(run: Run, sweep_dir: str) -> None:
     """A run directory from an earlier start of the sweep must hold the settings the sweep gives it now: an
     edited sweep would otherwise skip runs with stale results, or continue them under other settings."""
-    saved_path = os.path.join(sweep_dir, run.name, "config.yaml")
+    saved_path = os.path.join(sweep_dir, run.name, runfiles.CONFIG)
     if not os.path.isfile(saved_path):
         return
     with open(saved_path) as f:
@@ -207,14 +210,14 @@ def write_manifest(sweep: Sweep, source: str) -> None:
 def local_command(run: Run, sweep_dir: str) -> list[str]:
     """One run on this machine: torchrun with `world_size` processes (CPU ranks, or one per GPU)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={run.world_size}",
-            TRAIN, *run.train_args(sweep_dir)]
+            "-m", TRAIN_MODULE, *run.train_args(sweep_dir)]
 
 
 def run_local(sweep: Sweep, dry_run: bool = False, say=print) -> int:
     """Runs every unfinished run, one after another; a failed run is reported and the others still run.
     Returns the number of failed runs. Each run's output goes to <sweep>/logs/<run>.log."""
     failed = []
-    logs = os.path.join(sweep.directory, "logs")
+    logs = os.path.join(sweep.directory, runfiles.SWEEP_LOGS)
     for i, run in enumerate(sweep.runs, 1):
         run_dir = os.path.join(sweep.directory, run.name)
         command = local_command(run, sweep.directory)
@@ -247,7 +250,7 @@ def run_local(sweep: Sweep, dry_run: bool = False, say=print) -> int:
 
 def sbatch_command(run: Run, sweep: Sweep, gpus_per_node: int, extra: list[str],
                    launch_args: list[str] = ()) -> list[str]:
-    """`sbatch` for one run through launch/slurm/train.sbatch: as many whole nodes as the world size needs
+    """`sbatch` for one run through the job script (train.sbatch): as many whole nodes as the world size needs
     (one node with fewer GPUs for a smaller run). `extra`: sbatch's own options; `launch_args`: the job
     script's (spt_dist.slurm launch: --launcher, --stage-data)."""
     nodes = math.ceil(run.world_size / gpus_per_node)
@@ -255,7 +258,7 @@ def sbatch_command(run: Run, sweep: Sweep, gpus_per_node: int, extra: list[str],
         raise UserError(f"world_size {run.world_size} of run {run.name}: not a multiple of --gpus-per-node "
                         f"{gpus_per_node} (multi-node runs use whole nodes)")
     per_node = min(run.world_size, gpus_per_node)
-    logs = os.path.join(sweep.directory, "logs")
+    logs = os.path.join(sweep.directory, runfiles.SWEEP_LOGS)
     # The job script finds this interpreter wherever the sweep was started from.
     return ["sbatch", f"--job-name={sweep.name}-{run.name}", f"--nodes={nodes}", f"--ntasks-per-node={per_node}",
             f"--gpus-per-node={per_node}", f"--output={logs}/{run.name}-%j.out",
@@ -293,12 +296,12 @@ def submit_slurm(sweep: Sweep, gpus_per_node: int, extra: list[str], launch_args
     if commands and not dry_run and shutil.which("sbatch") is None:
         raise UserError("--slurm: no `sbatch` on PATH (run this on a Slurm login node, or use --dry-run)")
     failed = 0
-    for run, command in commands:
-        say(shlex.join(command))
+    for run, sbatch in commands:
+        say(shlex.join(sbatch))
         if dry_run:
             continue
-        os.makedirs(os.path.join(sweep.directory, "logs"), exist_ok=True)
-        submitted = subprocess.run([command[0], "--parsable", *command[1:]], capture_output=True, text=True)
+        os.makedirs(os.path.join(sweep.directory, runfiles.SWEEP_LOGS), exist_ok=True)
+        submitted = subprocess.run([sbatch[0], "--parsable", *sbatch[1:]], capture_output=True, text=True)
         if submitted.returncode != 0:
             failed += 1
             say(f"# {run.name}: sbatch failed: {submitted.stderr.strip()}")
@@ -307,3 +310,42 @@ def submit_slurm(sweep: Sweep, gpus_per_node: int, extra: list[str], launch_args
         write_json(jobs_path, jobs)
         say(f"# {run.name}: job {jobs[run.name]}")
     return failed
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    """`spt-sweep sweeps/tiny.yaml` (or `python launch/sweep.py …`) runs a grid of runs here, one after
+    another; `--slurm` submits each as a Slurm job instead; `--dry-run` prints the commands. Then
+    `spt-report <sweep directory>` gathers the results."""
+    parser = argparse.ArgumentParser(prog="spt-sweep", description=main.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep", help="sweep YAML (see sweeps/)")
+    parser.add_argument("--output-dir", help="where the sweep directory goes (default: the runs' output.dir)")
+    parser.add_argument("--slurm", action="store_true", help="submit each run with sbatch (the train.sbatch job script)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="--slurm: GPUs (ranks) per node")
+    parser.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                        help="--slurm: extra sbatch argument, e.g. --sbatch-arg=--partition=gpu (repeatable)")
+    parser.add_argument("--launch-arg", action="append", default=[], metavar="ARG",
+                        help="--slurm: argument for the job script, e.g. --launch-arg=--launcher=torchrun (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = parser.parse_args(argv)
+    if args.gpus_per_node < 1:
+        raise UserError(f"--gpus-per-node: must be >= 1 (got {args.gpus_per_node})")
+    sweep = load_sweep(args.sweep, args.output_dir)
+    print(f"sweep {sweep.name}: {len(sweep.runs)} runs in {sweep.directory}", flush=True)
+    if not args.dry_run:
+        write_manifest(sweep, args.sweep)
+    if args.slurm:
+        failed = submit_slurm(sweep, args.gpus_per_node, args.sbatch_arg, args.launch_arg, args.dry_run)
+    else:
+        failed = run_local(sweep, args.dry_run, say=lambda line: print(line, flush=True))
+    if failed:
+        print(f"{failed} run(s) failed", file=sys.stderr)
+        return 1
+    if not args.dry_run and not args.slurm:
+        print(f"report: spt-report {sweep.directory}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,9 @@
 """The training run, top to bottom: data -> model -> method -> engine -> train/eval loop -> outputs.
 
-Every rank runs the same number of micro-steps (the train stream is infinite and the epoch length is
-computed from the sample count), so no rank waits in a collective another never reaches.
+Assembled from small parts: RunSettings (per-rank batch and schedule), the method registry, an Engine, a
+CheckpointManager, an Evaluator, RunLogger/Throughput for metrics, and export_weights for the final files.
+Every rank runs the same number of micro-steps (the train stream is infinite and the epoch length is computed
+from the sample count), so no rank waits in a collective another never reaches.
 """
 
 from __future__ import annotations
@@ -9,54 +11,34 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from spt_dist.atomic import write_json, write_safetensors, write_text
-from spt_dist.checkpoint import Checkpoint, restore_rng, save_checkpoint
-from spt_dist.config import Config, per_rank_batch_size
+from spt_dist import runfiles
+from spt_dist.atomic import write_json, write_text
+from spt_dist.checkpoint import Checkpoint, CheckpointManager, restore_rng
+from spt_dist.config import Config
 from spt_dist.data.dataset import resolve_dataset
 from spt_dist.data.loader import FAULT_KINDS, EvalStream, TrainStream, require_shards
 from spt_dist.data.transforms import build_transforms
 from spt_dist.distributed import DistInfo, all_gather_float, all_reduce_sum
 from spt_dist.engines import EngineSpec, build_engine
 from spt_dist.errors import Stopped, UserError
+from spt_dist.evaluator import Evaluator
+from spt_dist.exporter import export_weights
 from spt_dist.flops import count_flops, peak_tflops
-from spt_dist.metrics import RunLogger, Throughput, peak_memory_gib
+from spt_dist.methods import get_method
+from spt_dist.metrics import THROUGHPUT_KEYS, RunLogger, Throughput, peak_memory_gib, throughput_figures
 from spt_dist.models import create_model
 from spt_dist.optim import build_scheduler
 from spt_dist.peft.allocated import apply_allocation, read_allocation
-from spt_dist.peft.artifact import load_pretrained, merged_state_dict, save_pretrained
 from spt_dist.peft.baselines import apply_method, format_trainable_parameters, trainable_parameters
 from spt_dist.preemption import Preemption, resume_hint
+from spt_dist.run_settings import RunSettings
 from spt_dist.rundir import open_run
-from spt_dist.selection.report import ALLOCATION_INDICES, ALLOCATION_JSON
 from spt_dist.selection.stage import run_selection
-
-PEFT_METHODS = ("spt_lora", "spt_adapter", "gps")
-
-
-@dataclass(frozen=True)
-class Schedule:
-    steps_per_epoch: int  # optimizer steps
-    total_steps: int
-    warmup_steps: int
-    epochs: int
-
-    @classmethod
-    def plan(cls, cfg: Config, train_samples: int, world_size: int) -> "Schedule":
-        global_batch = cfg.data.batch_size * cfg.optim.grad_accum * world_size
-        steps_per_epoch = train_samples // global_batch
-        if steps_per_epoch == 0:
-            raise UserError(f"data.batch_size: a global batch of {global_batch} (batch_size x grad_accum x "
-                            f"{world_size} ranks) is larger than the {train_samples} training samples")
-        total = cfg.optim.max_steps or cfg.optim.epochs * steps_per_epoch
-        warmup = min(round(cfg.optim.warmup_epochs * steps_per_epoch), total - 1)
-        return cls(steps_per_epoch, total, warmup, math.ceil(total / steps_per_epoch))
-
 
 # Keys a resumed run must share with its checkpoint: they decide the frozen weights and what the trainable
 # tensors mean (shapes are checked separately). Everything else may change, e.g. engine, world size, max_steps.
@@ -64,10 +46,9 @@ _SAME_ON_RESUME = ("seed", "model.name", "model.checkpoint", "model.img_size", "
                    "method.lora_rank", "method.lora_alpha", "method.lora_targets")
 # Keys that fix the order of the training samples: with these (and world size, workers) unchanged, a resume
 # continues the data stream exactly where it was.
-_SAME_DATA_ORDER = ("seed", "data.train_shards", "data.batch_size", "data.workers", "data.shuffle_buffer",
-                    "data.augment", "data.crop_pct", "optim.grad_accum")
+_SAME_DATA_ORDER = ("seed", "data.train_shards", "data.workers", "data.shuffle_buffer", "data.augment",
+                    "data.crop_pct", "optim.grad_accum")
 _MAX_SKIPS_IN_A_ROW = 10  # optim.nonfinite=skip: beyond this the weights are likely broken; stop
-_THROUGHPUT_KEYS = ("images_per_s", "images_per_s_per_device", "tflops_per_device", "mfu", "data_wait_share")
 
 
 def _device_name(device: torch.device) -> str:
@@ -88,34 +69,34 @@ def _changed(saved: dict, now: dict, keys: tuple[str, ...]) -> list[str]:
 class Trainer:
     def __init__(self, cfg: Config, dist_info: DistInfo, resume: str | None = None) -> None:
         self.cfg, self.dist = cfg, dist_info
+        self.method = get_method(cfg.method.name)
         self.preemption = Preemption()  # first: a signal from here on asks for a clean stop
         # Data first: a missing shard or count is a user error to report before anything heavy is built.
         data = resolve_dataset(cfg.data)
         require_shards(data.train_shards, dist_info.world_size, cfg.data.workers)
-        self.train_shards, self.eval_shards, num_classes = data.train_shards, data.eval_shards, data.num_classes
-        self.num_classes = num_classes
-        cfg.data.batch_size = per_rank_batch_size(cfg, dist_info.world_size)
-        self.schedule = Schedule.plan(cfg, data.train_samples, dist_info.world_size)
+        self.num_classes = data.num_classes
+        self.settings = RunSettings.resolve(cfg, data.train_samples, dist_info.world_size)
+        self.schedule = self.settings.schedule
 
         self.run_dir, checkpoint_dir = open_run(cfg, dist_info, "train", resume)
         self.checkpoint = Checkpoint.read(checkpoint_dir) if checkpoint_dir else None
         if self.checkpoint:
             self._check_resumable(self.checkpoint)
-        elif cfg.method.name in PEFT_METHODS and cfg.method.allocation is None \
-                and not os.path.isfile(os.path.join(self.run_dir, ALLOCATION_JSON)):
+        elif self.method.selects and cfg.method.allocation is None \
+                and not os.path.isfile(os.path.join(self.run_dir, runfiles.ALLOCATION_JSON)):
             # Select first, in this job and run directory; the score pass builds its own model from the same seed.
             run_selection(cfg, dist_info, "select", run_dir=self.run_dir, data=data, resume=resume)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        model = create_model(cfg.model.name, num_classes, checkpoint=cfg.model.checkpoint,
+        model = create_model(cfg.model.name, data.num_classes, checkpoint=cfg.model.checkpoint,
                              img_size=cfg.model.img_size, drop_path_rate=cfg.model.drop_path_rate)
         self.backbone_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("head."))
         self.model = self._apply_method(model)
         resumed_weights = self._load_trainable() if self.checkpoint else None
-        self.input_size = tuple(model.patch_embed.img_size)
         self.trainable_report = format_trainable_parameters(self.model)
         self.trainable, self.total_params = trainable_parameters(self.model)
-        dense = cfg.method.name in PEFT_METHODS and cfg.method.sparse_update == "dense_masked"
-        self.flops = count_flops(cfg.model.name, num_classes, "full" if dense else cfg.method.name, cfg.model.img_size)
+        dense = self.method.selects and cfg.method.sparse_update == "dense_masked"
+        self.flops = count_flops(cfg.model.name, data.num_classes, "full" if dense else cfg.method.name,
+                                 cfg.model.img_size)
         self.peak_tflops = cfg.output.peak_tflops or peak_tflops(dist_info.device, cfg.engine.precision)
         train_tf, eval_tf = build_transforms(self.model, cfg.data)
         torch.manual_seed(cfg.seed + dist_info.rank)  # per-rank randomness (dropout) from here on
@@ -125,37 +106,41 @@ class Trainer:
         start_epoch = 0
         if self.checkpoint and not exact:  # a new sharding of the data: begin the epoch the run was in again
             start_epoch = self.checkpoint.state["samples_seen"] // data.train_samples
-        common = dict(rank=dist_info.rank, world=dist_info.world_size, num_classes=num_classes, workers=cfg.data.workers)
-        self.train_stream = TrainStream(self.train_shards, transform=train_tf, batch_size=cfg.data.batch_size,
+        common = dict(rank=dist_info.rank, world=dist_info.world_size, num_classes=data.num_classes,
+                      workers=cfg.data.workers)
+        self.train_stream = TrainStream(data.train_shards, transform=train_tf, batch_size=self.settings.batch_size,
                                         seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                                         start_epoch=start_epoch, **common)
-        self.eval_stream = EvalStream(self.eval_shards, transform=eval_tf, batch_size=cfg.data.eval_batch_size, **common)
+        self.eval_stream = EvalStream(data.eval_shards, transform=eval_tf, batch_size=cfg.data.eval_batch_size,
+                                      **common)
 
-        spec = EngineSpec(engine=cfg.engine, optim=cfg.optim, micro_batch_size=cfg.data.batch_size,
+        spec = EngineSpec(engine=cfg.engine, optim=cfg.optim, micro_batch_size=self.settings.batch_size,
                           device=dist_info.device,
                           scheduler=lambda opt: build_scheduler(opt, cfg.optim, self.schedule.total_steps,
                                                                 self.schedule.warmup_steps))
         self.engine = build_engine(self.model, spec)
+        self.evaluate = Evaluator(self.engine, self.eval_stream, tuple(model.patch_embed.img_size), dist_info.device)
+        self.checkpoints = CheckpointManager(
+            self.run_dir, dist_info.rank, every=cfg.output.checkpoint_every,
+            every_min=cfg.output.checkpoint_every_min, keep_last=cfg.output.keep_last, files=self.allocation_files,
+            saved_step=self.start_step if self.checkpoint else None)
         self.skipped_steps, self._skips_in_a_row = 0, 0
         self._preempt = self._time_due = False  # agreed by all ranks at each step (_agree_before_update)
-        self._last_checkpoint: str | None = None
         self._resume_note = ""
         if self.checkpoint:
             self._restore(resumed_weights, exact)
-        self.log = RunLogger(os.path.join(self.run_dir, "tb") if dist_info.is_main else None,
+        self.log = RunLogger(os.path.join(self.run_dir, runfiles.TENSORBOARD) if dist_info.is_main else None,
                              self.schedule.total_steps, cfg.output.progress,
                              purge_step=self.start_step + 1 if self.checkpoint else None,
                              initial_step=self.start_step)
         self.samples_log = self._open_samples_log()
-        self._saved_step = self.start_step if self.checkpoint else None
-        self._last_save_time = time.monotonic()
 
     # ------------------------------------------------------------------ building and resuming
 
     def _apply_method(self, model: torch.nn.Module) -> torch.nn.Module:
         method = self.cfg.method
-        if method.name not in PEFT_METHODS:
-            self.allocation_files = {}
+        self.allocation_files: dict[str, bytes] = {}
+        if not self.method.selects:
             return apply_method(model, method)
         # Resumed runs train the checkpoint's allocation: it is never selected again.
         directory = self.checkpoint.directory if self.checkpoint else method.allocation or self.run_dir
@@ -163,8 +148,7 @@ class Trainer:
         if record["method"] != self.cfg.selection.method:
             raise UserError(f"method.allocation: '{directory}' holds a {record['method']} allocation, "
                             f"method.name {method.name} needs {self.cfg.selection.method}")
-        self.allocation_files = {}
-        for name in (ALLOCATION_JSON, ALLOCATION_INDICES):  # kept to go into every checkpoint
+        for name in (runfiles.ALLOCATION_JSON, runfiles.ALLOCATION_INDICES):  # kept to go into every checkpoint
             with open(os.path.join(directory, name), "rb") as f:
                 self.allocation_files[name] = f.read()
         return apply_allocation(model, record, indices, sparse_update=method.sparse_update,
@@ -199,7 +183,9 @@ class Trainer:
         if not self.checkpoint:
             return False
         state = self.checkpoint.state
-        return state["world_size"] == self.dist.world_size and \
+        # The per-rank batch as it was resolved (older checkpoints: their config held it in data.batch_size).
+        batch = state.get("batch_size", state["config"]["data"]["batch_size"])
+        return state["world_size"] == self.dist.world_size and batch == self.settings.batch_size and \
             not _changed(state["config"], self.cfg.to_dict(), _SAME_DATA_ORDER)
 
     def _restore(self, weights: dict[str, torch.Tensor], exact: bool) -> None:
@@ -226,7 +212,7 @@ class Trainer:
         resumed run drops the lines past its checkpoint, which the interrupted run may have written."""
         if not self.cfg.output.log_samples:
             return None
-        path = os.path.join(self.run_dir, "samples", f"rank_{self.dist.rank:05d}.txt")
+        path = os.path.join(self.run_dir, runfiles.SAMPLES, f"rank_{self.dist.rank:05d}.txt")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         kept = []
         if self.checkpoint and os.path.isfile(path):
@@ -250,13 +236,14 @@ class Trainer:
                 self.samples_log.close()
 
     def _fit(self) -> dict:
-        cfg, sched, engine = self.cfg, self.schedule, self.engine
-        self._say(f"run directory: {self.run_dir}\ntensorboard:   tensorboard --logdir {os.path.join(self.run_dir, 'tb')}")
+        cfg, sched, engine, settings = self.cfg, self.schedule, self.engine, self.settings
+        tensorboard = os.path.join(self.run_dir, runfiles.TENSORBOARD)
+        self._say(f"run directory: {self.run_dir}\ntensorboard:   tensorboard --logdir {tensorboard}")
         self._say(f"{cfg.model.name} / {cfg.method.name} / {cfg.engine.kind}"
                   f"{'-zero' + str(cfg.engine.zero_stage) if cfg.engine.kind == 'deepspeed' else ''}"
                   f" / {cfg.engine.precision} / {self.dist.world_size} rank(s): {self.trainable_report}")
         self._say(f"{sched.total_steps} steps ({sched.epochs} epochs of {sched.steps_per_epoch}), "
-                  f"global batch {cfg.data.batch_size * cfg.optim.grad_accum * self.dist.world_size}")
+                  f"global batch {settings.global_batch}")
         if self._resume_note:
             self._say(self._resume_note)
         self.log.text("trainable_parameters", self.trainable_report)
@@ -269,7 +256,7 @@ class Trainer:
         engine.train()
         while step < sched.total_steps:
             nonfinite, keys = 0, []
-            for micro in range(cfg.optim.grad_accum):
+            for micro in range(settings.grad_accum):
                 waiting = time.perf_counter()
                 batch = next(batches)
                 throughput.waited(time.perf_counter() - waiting)
@@ -282,7 +269,7 @@ class Trainer:
                     window_loss, window_count = window_loss + value, window_count + 1
                 else:
                     nonfinite += 1
-                if micro == cfg.optim.grad_accum - 1:
+                if micro == settings.grad_accum - 1:
                     self._agree_before_update(step + 1, nonfinite)
                 engine.step()
                 throughput.add(len(labels) * self.dist.world_size)
@@ -310,28 +297,28 @@ class Trainer:
                 self.log.scalars({f"eval/{k}": v for k, v in eval_result.items()}, step)
                 self._say(f"epoch {math.ceil(step / sched.steps_per_epoch)}/{sched.epochs} step {step}: top1 "
                           f"{eval_result['top1']:.2f}% ({int(eval_result['samples'])} samples)")
-                engine.train()
-            if self._checkpoint_due(step) or self._time_due or self._preempt:
+            if self.checkpoints.step_due(step) or self._time_due or self._preempt:
                 self.save_checkpoint(step)
             if self._preempt:
                 self.train_stream.close()
                 self.log.close()
                 raise Stopped(f"stopped by {self.preemption.received or 'a signal to another rank'} at step {step}: "
-                              f"checkpoint {self._last_checkpoint}\n{resume_hint(self.run_dir)}")
+                              f"checkpoint {self.checkpoints.last}\n{resume_hint(self.run_dir)}")
         train_time = time.perf_counter() - train_start - eval_time
         self.train_stream.close()  # stop its loader workers now, not at interpreter exit
 
-        if self._saved_step != step:  # else the loop has just saved this step (or the run resumed at its end)
+        if self.checkpoints.saved_step != step:  # else the loop has just saved this step (or the run resumed at its end)
             self.save_checkpoint(step)
         if eval_step != step:  # resumed at the last step: nothing trained, but the summary needs an evaluation
             eval_result = self.evaluate()
         faults = self._data_faults()
-        images = (step - self.start_step) * cfg.data.batch_size * cfg.optim.grad_accum * self.dist.world_size
+        images = settings.samples_after(step - self.start_step)
         summary = {"steps": step, "epochs": sched.epochs, "world_size": self.dist.world_size,
+                   "batch_size_per_rank": settings.batch_size, "global_batch": settings.global_batch,
                    "device": _device_name(self.dist.device), "precision": cfg.engine.precision,
                    "top1": eval_result.get("top1"), "eval_samples": eval_result.get("samples"),
                    "train_time_s": train_time, "eval_time_s": eval_time,
-                   **(self._throughput(images / train_time, throughput.total_data_wait / train_time) if images else dict.fromkeys(_THROUGHPUT_KEYS)),
+                   **(self._throughput(images / train_time, throughput.total_data_wait / train_time) if images else dict.fromkeys(THROUGHPUT_KEYS)),
                    "forward_flops_per_image": self.flops.forward, "train_flops_per_image": self.flops.train,
                    "peak_memory_gib": max(all_gather_float(peak_memory_gib(self.dist.device))),
                    "trainable_params": self.trainable, "total_params": self.total_params,
@@ -339,9 +326,10 @@ class Trainer:
                    "optimizer_state_bytes": int(all_reduce_sum([float(engine.optimizer_state_bytes())])[0]),
                    "skipped_samples": faults, "skipped_steps": self.skipped_steps,
                    "resumed_from_step": self.start_step if self.checkpoint else None}
-        self._save_weights()
+        export_weights(engine, self.model, self.run_dir, cfg, self.num_classes, is_main=self.dist.is_main,
+                       say=self._say)
         if self.dist.is_main:
-            write_json(os.path.join(self.run_dir, "metrics.json"), summary)
+            write_json(os.path.join(self.run_dir, runfiles.METRICS), summary)
         self.log.scalars({f"data/skipped_{k}": v for k, v in faults.items()}, step)
         self.log.close()
         rate = "no steps left to train"
@@ -351,29 +339,23 @@ class Trainer:
                     f"{summary['data_wait_share']:.0%} waiting for data)")
         self._say(f"done: top1 {summary['top1']:.2f}% | {rate} | "
                   f"peak memory {summary['peak_memory_gib']:.2f} GiB/rank | skipped samples {faults or 'none'}\n"
-                  f"run directory: {self.run_dir}\ntensorboard:   tensorboard --logdir {os.path.join(self.run_dir, 'tb')}")
+                  f"run directory: {self.run_dir}\ntensorboard:   tensorboard --logdir {tensorboard}")
         return summary
 
     def _throughput(self, images_per_s: float, data_share: float, prefix: str = "") -> dict[str, float | None]:
-        """images/s in all and per device, achieved TFLOP/s per device, MFU (where the peak is known) and the
-        share of the time spent waiting for data."""
-        per_device = images_per_s / self.dist.world_size
-        tflops = per_device * self.flops.train / 1e12
-        mfu = tflops / self.peak_tflops if self.peak_tflops else None
-        values = dict(zip(_THROUGHPUT_KEYS, (images_per_s, per_device, tflops, mfu, data_share)))
-        return {prefix + k: v for k, v in values.items() if v is not None or not prefix}
+        return throughput_figures(images_per_s, data_share, self.dist.world_size, self.flops.train,
+                                  self.peak_tflops, prefix)
 
     def _agree_before_update(self, step: int, nonfinite: int) -> None:
         """Collective, once per optimizer step, after the last backward and before the update: did any rank
         see a non-finite loss, receive a stop signal, or (rank 0's clock) is a timed checkpoint due."""
-        every_min = self.cfg.output.checkpoint_every_min
-        time_due = self.dist.is_main and every_min > 0 and time.monotonic() - self._last_save_time >= 60 * every_min
-        bad, signalled, due = all_reduce_sum([float(nonfinite), float(self.preemption.requested), float(time_due)])
+        bad, signalled, due = all_reduce_sum([float(nonfinite), float(self.preemption.requested),
+                                              float(self.checkpoints.clock_due())])
         self._preempt, self._time_due = signalled > 0, due > 0
         if not bad:
             self._skips_in_a_row = 0
             return
-        last = self._last_checkpoint or "none was written"
+        last = self.checkpoints.last or "none was written"
         if self.cfg.optim.nonfinite == "stop":
             raise UserError(f"optim: the loss became non-finite at step {step} (learning rate too high, bad data "
                             f"or a bad checkpoint?); stopped before its update, nothing saved; last checkpoint: "
@@ -386,71 +368,12 @@ class Trainer:
             raise UserError(f"optim: the loss was non-finite in {_MAX_SKIPS_IN_A_ROW} steps in a row (up to step "
                             f"{step}): the weights are likely broken; stopped; last checkpoint: {last}")
 
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Top-1 over the whole eval split: each rank its own shards, counts summed over ranks.
-
-        Ranks step in lockstep: one whose shards are exhausted runs a throwaway forward while others still
-        have batches, because under ZeRO-3/FSDP every forward is a collective (parameter all-gathers).
-        """
-        self.engine.eval()
-        correct = seen = 0.0
-        batches = iter(self.eval_stream)
-        placeholder = torch.zeros(1, 3, *self.input_size)
-        while True:
-            batch = next(batches, None)
-            anyone_has_batch, = all_reduce_sum([float(batch is not None)])
-            if not anyone_has_batch:
-                break
-            images = placeholder if batch is None else batch["images"]
-            logits = self.engine.module(images.to(self.dist.device, self.engine.input_dtype))
-            if batch is not None:
-                labels = batch["labels"].to(self.dist.device)
-                correct += (logits.argmax(-1) == labels).sum().item()
-                seen += len(labels)
-        correct, seen = all_reduce_sum([correct, seen])
-        return {"top1": 100.0 * correct / max(seen, 1.0), "samples": seen}
-
-    def _checkpoint_due(self, step: int) -> bool:
-        every = self.cfg.output.checkpoint_every
-        return every > 0 and step % every == 0
-
     def save_checkpoint(self, step: int) -> None:
-        cfg = self.cfg
-        state = {"world_size": self.dist.world_size, "samples_seen":
-                 step * cfg.data.batch_size * cfg.optim.grad_accum * self.dist.world_size,
+        state = {"world_size": self.dist.world_size, "batch_size": self.settings.batch_size,
+                 "samples_seen": self.settings.samples_after(step),
                  "scheduler": self.engine.scheduler().state_dict(), "skipped_steps": self.skipped_steps,
-                 "config": cfg.to_dict()}
-        self._last_checkpoint = save_checkpoint(
-            self.run_dir, step, engine=self.engine, state=state, rank=self.dist.rank,
-            rank_state={"data": self.train_stream.state_dict()}, files=self.allocation_files,
-            keep_last=cfg.output.keep_last)
-        self._saved_step, self._last_save_time = step, time.monotonic()
-
-    def _save_weights(self) -> None:
-        """The final weights. Baselines: every parameter, consolidated, in one fp32 safetensors file. PEFT
-        methods: the artifact (`peft/`) and, unless Adapters make that impossible, the merged plain timm
-        checkpoint `model.safetensors`, made from the artifact as a user would."""
-        cfg = self.cfg
-        peft = cfg.method.name in PEFT_METHODS
-        state = self.engine.full_state_dict(trainable_only=peft)  # collective; the frozen backbone is known
-        if not self.dist.is_main:
-            return
-        meta = {"model": cfg.model.name, "method": cfg.method.name}
-        if not peft:
-            write_safetensors(os.path.join(self.run_dir, "model.safetensors"), state, meta)
-            return
-        state.update({k: v.detach().cpu() for k, v in self.model.named_buffers()})
-        artifact = os.path.join(self.run_dir, "peft")
-        save_pretrained(artifact, self.model, state, dict(
-            model=cfg.model.name, num_classes=self.num_classes, img_size=cfg.model.img_size,
-            checkpoint=cfg.model.checkpoint, seed=cfg.seed, method=cfg.method.name))
-        if cfg.method.name == "spt_adapter":
-            self._say(f"PEFT artifact: {artifact} (Adapters are not mergeable into plain timm weights)")
-            return
-        merged = merged_state_dict(load_pretrained(artifact))
-        write_safetensors(os.path.join(self.run_dir, "model.safetensors"), merged, meta)
-        self._say(f"PEFT artifact: {artifact}; merged timm checkpoint: {os.path.join(self.run_dir, 'model.safetensors')}")
+                 "config": self.cfg.to_dict()}
+        self.checkpoints.save(step, self.engine, state, {"data": self.train_stream.state_dict()})
 
     def _data_faults(self) -> dict[str, int]:
         """Distinct skipped samples per kind: train faults as the union over ranks (a bad sample may be read by

@@ -75,8 +75,8 @@ def synthetic_shards(tmp_path_factory) -> Path:
     """A small learnable data set: 4 classes, 512 train / 128 test images in 8 + 2 shards."""
     out = tmp_path_factory.mktemp("synthetic")
     from spt_dist.data.shards import main as shards_main
-    shards_main(["synthetic", "--out", str(out), "--classes", "4", "--train", "512", "--test", "128",
-                 "--samples-per-shard", "64", "--seed", "0"])
+    assert 0 == shards_main(["synthetic", "--out", str(out), "--classes", "4", "--train", "512", "--test", "128",
+                             "--samples-per-shard", "64", "--seed", "0"])
     return out
 
 

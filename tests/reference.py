@@ -15,7 +15,7 @@ from torch import nn
 from spt_dist.data.loader import TrainStream, count_samples, expand_shards, read_classes
 from spt_dist.data.transforms import build_transforms
 from spt_dist.optim import build_optimizer, build_scheduler
-from spt_dist.trainer import Schedule
+from spt_dist.run_settings import RunSettings
 
 
 def dataset_classes(cfg) -> int:
@@ -30,11 +30,12 @@ def train_reference(cfg, model: nn.Module, world: int, resume_from=None) -> nn.M
     shards = expand_shards(cfg.data.train_shards, "data.train_shards")
     num_classes = len(read_classes(shards))
     samples = count_samples(shards)
-    schedule = Schedule.plan(cfg, samples, world)
+    settings = RunSettings.resolve(cfg, samples, world)
+    schedule = settings.schedule
     start_step = resume_from.step if resume_from else 0
     start_epoch = resume_from.state["samples_seen"] // samples if resume_from else 0
     transform, _ = build_transforms(model, cfg.data)
-    streams = [iter(TrainStream(shards, rank=r, world=world, batch_size=cfg.data.batch_size, transform=transform,
+    streams = [iter(TrainStream(shards, rank=r, world=world, batch_size=settings.batch_size, transform=transform,
                                 num_classes=num_classes, seed=cfg.seed, workers=cfg.data.workers,
                                 shuffle_buffer=cfg.data.shuffle_buffer, start_epoch=start_epoch))
                for r in range(world)]

@@ -83,7 +83,7 @@ def env_of(argv: list[str]) -> dict[str, str]:
 
 
 def train_args_of(argv: list[str]) -> list[str]:
-    return argv[argv.index(str(REPO / "launch" / "train.py")) + 1:]
+    return argv[argv.index("spt_dist.train") + 1:]
 
 
 def dry_run_2x8(launcher: str, tmp_path: Path) -> tuple[str, str]:

@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from spt_dist.atomic import atomic_file, write_json
+from spt_dist.cli import command
 from spt_dist.data.benchmarks import SUITES, Task
 from spt_dist.errors import UserError
 
@@ -540,7 +541,7 @@ def _add_preset(sub, suite: str, layout: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m spt_dist.data.shards", description="Write webdataset tar shards.")
+    p = argparse.ArgumentParser(prog="spt-shards", description="Write webdataset tar shards.")
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("folder", help="shard an ImageFolder tree (DIR/<class>/*.jpg|jpeg|png)")
     f.add_argument("--src", required=True)
@@ -576,14 +577,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    try:
-        args.run(args)
-    except UserError as e:
-        print(f"spt_dist: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    args.run(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

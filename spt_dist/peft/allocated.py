@@ -12,23 +12,21 @@ from __future__ import annotations
 import os
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from spt_dist.data.shards import read_json
 from spt_dist.errors import UserError
 from spt_dist.peft.tuned import Tuned, tune
-from spt_dist.selection.report import ALLOCATION_JSON, ALLOCATION_INDICES
+from spt_dist.selection.allocation import ALLOCATION_INDICES, ALLOCATION_JSON, Allocation
 
 
 def read_allocation(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """allocation.json and allocation.safetensors of a run directory."""
-    record_path = os.path.join(directory, ALLOCATION_JSON)
-    indices_path = os.path.join(directory, ALLOCATION_INDICES)
-    for path in (record_path, indices_path):
-        if not os.path.isfile(path):
-            raise UserError(f"method.allocation: '{path}' does not exist; run `--stage select` first")
-    return read_json(record_path), load_file(indices_path)
+    """allocation.json and allocation.safetensors of a run directory (`method.allocation`)."""
+    for name in (ALLOCATION_JSON, ALLOCATION_INDICES):
+        if not os.path.isfile(os.path.join(directory, name)):
+            raise UserError(f"method.allocation: '{os.path.join(directory, name)}' does not exist; run "
+                            "`--stage select` first")
+    allocation = Allocation.load(directory)
+    return allocation.record, allocation.indices
 
 
 def _tune(model: nn.Module, tensor: str) -> tuple[Tuned, str]:
@@ -42,32 +40,65 @@ def _tune(model: nn.Module, tensor: str) -> tuple[Tuned, str]:
                         "another model?") from None
 
 
-def _full_rows(unit: dict, param: torch.Tensor) -> torch.Tensor | None:
-    """The flat indices of a fully tuned vector that is a row block of its tensor (a fused bias's q, k or v);
-    None when the unit is the whole tensor."""
-    rows = unit.get("rows")
-    if rows is None or list(rows) == [0, param.numel()]:
-        return None
-    if param.ndim != 1 or not (isinstance(rows, list) and len(rows) == 2 and all(type(r) is int for r in rows)
-                               and 0 <= rows[0] < rows[1] <= param.numel()):
-        raise UserError(f"allocation: unit '{unit['name']}': rows {rows} do not fit '{unit['tensor']}' "
-                        f"(shape {list(param.shape)})")
-    return torch.arange(rows[0], rows[1])
+_DECISIONS = ("frozen", "sparse", "full", "lora", "adapter")
+
+
+def _rows(unit: dict, param: torch.Tensor) -> tuple[int, int]:
+    """The unit's output rows [r0, r1) (the whole tensor when it names none), checked against the parameter."""
+    rows = unit.get("rows", [0, param.shape[0]])
+    if not (isinstance(rows, list) and len(rows) == 2 and all(type(r) is int for r in rows)
+            and 0 <= rows[0] < rows[1] <= param.shape[0]):
+        raise UserError(f"allocation: unit '{unit['name']}': rows {rows!r} do not fit '{unit['tensor']}' "
+                        f"(shape {list(param.shape)}): was the allocation made for another model?")
+    return rows[0], rows[1]
+
+
+def check_allocation(record, indices: dict, params: dict[str, torch.Tensor]) -> None:
+    """An allocation that fits this model, or one line saying what does not (a hand-edited, corrupt or another
+    model's allocation must not train something else silently)."""
+    if not isinstance(record, dict) or record.get("method") not in ("spt", "gps") or \
+            not isinstance(record.get("units"), list) or not isinstance(record.get("totals"), dict):
+        raise UserError("allocation: allocation.json is not an allocation (method spt|gps, units, totals)")
+    if record["method"] == "gps" and "full_vectors" not in record["totals"]:
+        raise UserError("allocation: a GPS allocation of an older spt_dist (it trained the norms' biases too); "
+                        "make it again with `--stage allocate`")
+    for unit in record["units"]:
+        if not isinstance(unit, dict) or not isinstance(unit.get("name"), str) or unit.get("tensor") not in params:
+            name = unit.get("tensor") if isinstance(unit, dict) else unit
+            raise UserError(f"allocation: this model has no parameter {name!r}: was the allocation made for "
+                            "another model?")
+        param, decision = params[unit["tensor"]], unit.get("decision")
+        if decision not in _DECISIONS:
+            raise UserError(f"allocation: unit '{unit['name']}': unknown decision {decision!r} "
+                            f"(known: {', '.join(_DECISIONS)})")
+        r0, r1 = _rows(unit, param)
+        size = (r1 - r0) * (param.numel() // param.shape[0])
+        if unit.get("size") != size:
+            raise UserError(f"allocation: unit '{unit['name']}' has {unit.get('size')!r} entries, rows {r0}:{r1} "
+                            f"of this model's '{unit['tensor']}' {size}: was the allocation made for another model?")
+        if decision in ("lora", "adapter") and (param.ndim != 2 or type(unit.get("rank")) is not int
+                                                or unit["rank"] <= 0):
+            raise UserError(f"allocation: unit '{unit['name']}': {decision} needs a weight matrix and a whole "
+                            f"rank > 0 (got shape {list(param.shape)}, rank {unit.get('rank')!r})")
+    for name, index in indices.items():
+        if name not in params:
+            raise UserError(f"allocation: this model has no parameter '{name}': was the allocation made for "
+                            "another model?")
+        numel = params[name].numel()
+        if index.dtype not in (torch.int32, torch.int64) or index.ndim != 1 or (index.numel() and (
+                int(index.min()) < 0 or int(index.max()) >= numel or not bool((index[1:] > index[:-1]).all()))):
+            raise UserError(f"allocation: the indices of '{name}' must be increasing whole numbers in "
+                            f"[0, {numel}) (allocation.safetensors: {index.dtype}, {index.numel()} entries)")
 
 
 def apply_allocation(model: nn.Module, record: dict, indices: dict[str, torch.Tensor], *,
                      sparse_update: str = "delta", dropout: float = 0.0, drop_path: float = 0.0) -> nn.Module:
-    if record["method"] == "gps" and "full_vectors" not in record["totals"]:
-        raise UserError("allocation: a GPS allocation of an older spt_dist (it trained the norms' biases too); "
-                        "make it again with `--stage allocate`")
-    model.requires_grad_(False)
     params = dict(model.named_parameters())
+    check_allocation(record, indices, params)
+    model.requires_grad_(False)
     sparse = {name: index.to(torch.int64) for name, index in indices.items()}
     for unit in record["units"]:
         decision, tensor = unit["decision"], unit["tensor"]
-        if tensor not in params:
-            raise UserError(f"allocation: this model has no parameter '{tensor}': was the allocation made for "
-                            "another model?")
         if decision in ("lora", "adapter"):
             tuned, _ = _tune(model, tensor)
             block = unit["name"].rsplit(".", 1)[-1]
@@ -78,12 +109,13 @@ def apply_allocation(model: nn.Module, record: dict, indices: dict[str, torch.Te
                 tuned.add_adapter(block, (r0, r1), unit["rank"])
             tuned.set_dropout(dropout, drop_path)
         elif decision == "full":
-            rows = _full_rows(unit, params[tensor])
-            if rows is None:
+            r0, r1 = _rows(unit, params[tensor])
+            if (r0, r1) == (0, params[tensor].shape[0]):
                 params[tensor].requires_grad_(True)
-            else:  # trains those entries only, as sparse entries do; joins the tensor's sparse picks, if any
+            else:  # a fused bias's q, k or v rows: trained as sparse entries are; joins the tensor's sparse picks
+                cols = params[tensor].numel() // params[tensor].shape[0]
                 picked = sparse.get(tensor, torch.zeros(0, dtype=torch.int64))
-                sparse[tensor] = torch.unique(torch.cat([picked, rows]))
+                sparse[tensor] = torch.unique(torch.cat([picked, torch.arange(r0 * cols, r1 * cols)]))
     for tensor, index in sparse.items():
         tuned, name = _tune(model, tensor)
         tuned.add_sparse(name, index, sparse_update)
@@ -142,12 +174,3 @@ def trainable_state(model_state: dict[str, torch.Tensor], model: nn.Module) -> d
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     names |= {n for n, _ in model.named_buffers() if n.endswith(("_delta_index", "_mask"))}
     return {k: v for k, v in model_state.items() if k in names}
-
-
-def no_decay_parameters(model: nn.Module) -> set[int]:
-    """ids of parameters that carry sparse entries in dense_masked mode: no weight decay on sparse entries."""
-    out = set()
-    for module in model.modules():
-        if isinstance(module, Tuned):
-            out |= {id(getattr(module, n)) for n, mode in module.sparse.items() if mode == "dense_masked"}
-    return out

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from spt_dist.atomic import write_json, write_safetensors
+from spt_dist.cli import command
 from spt_dist.data.shards import read_json
 from spt_dist.errors import UserError
 from spt_dist.peft.allocated import apply_description, describe, trainable_state
@@ -52,11 +53,27 @@ def load_pretrained(directory: str, model: nn.Module | None = None) -> nn.Module
     """The PEFT model: `model` (a fresh timm model with the base weights), or one created from the config."""
     config, tensors = read_pretrained(directory)
     if model is None:
+        if config.get("seed") is None or not config.get("model"):
+            raise UserError(f"'{directory}' was saved by PeftModel.save_pretrained, without its base: load it onto "
+                            "the base model with PeftModel.from_pretrained(base_model, directory)")
         from spt_dist.models import create_model
         torch.manual_seed(config["seed"])  # the same base weights as the run when there is no checkpoint
         model = create_model(config["model"], config["num_classes"], checkpoint=config.get("checkpoint"),
                              img_size=config.get("img_size"))
-    apply_description(model, config["structure"], tensors)
+    own = model.state_dict()
+    for name in ("cls_token", "head.weight", "pos_embed"):  # a base of another shape fails here, in one line
+        if name in tensors and name in own and tensors[name].shape != own[name].shape:
+            raise UserError(f"'{directory}': '{name}' is {list(tensors[name].shape)} there, {list(own[name].shape)} "
+                            "in this model: the artifact was trained on another base")
+    try:
+        apply_description(model, config["structure"], tensors)
+    except (KeyError, AttributeError, TypeError, RuntimeError) as e:
+        raise UserError(f"'{directory}': its structure does not fit this model ({type(e).__name__}: {e})") from None
+    own = model.state_dict()
+    wrong = [k for k, v in tensors.items() if k in own and own[k].shape != v.shape]
+    if wrong:
+        raise UserError(f"'{directory}': '{wrong[0]}' is {list(tensors[wrong[0]].shape)} there, "
+                        f"{list(own[wrong[0]].shape)} in this model: the artifact was trained on another base")
     result = model.load_state_dict(tensors, strict=False)
     if result.unexpected_keys:
         raise UserError(f"'{directory}': tensors the model does not have: {', '.join(result.unexpected_keys[:3])}")
@@ -80,24 +97,26 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m spt_dist.peft.artifact", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="subcommand", required=True)
     merge = sub.add_parser("merge", help="write a plain timm checkpoint with the artifact folded in")
     merge.add_argument("artifact")
     merge.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    try:
-        state = merged_state_dict(load_pretrained(args.artifact))
-        config = read_json(os.path.join(args.artifact, CONFIG_FILE))  # small; the weights were read once
-        write_safetensors(args.out, {k: v.contiguous() for k, v in state.items()},
-                          {"model": config["model"], "num_classes": str(config["num_classes"])})
-    except UserError as e:
-        print(f"spt_dist: error: {e}", file=sys.stderr)
-        return 2
+    state = merged_state_dict(load_pretrained(args.artifact))
+    config = read_json(os.path.join(args.artifact, CONFIG_FILE))  # small; the weights were read once
+    write_safetensors(args.out, {k: v.contiguous() for k, v in state.items()},
+                      {"model": config["model"], "num_classes": str(config["num_classes"])})
     print(f"merged {config['model']} ({config['num_classes']} classes) -> {args.out}")
     return 0
+
+
+def merge(argv: list[str] | None = None) -> int:
+    """`spt-merge DIR --out FILE`: the same as `python -m spt_dist.peft.artifact merge DIR --out FILE`."""
+    return main(["merge", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

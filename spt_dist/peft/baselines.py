@@ -9,23 +9,35 @@ from __future__ import annotations
 from torch import nn
 
 from spt_dist.config import MethodConfig
+from spt_dist.methods import get_method
 from spt_dist.peft.lora import matrix_blocks
 from spt_dist.peft.tuned import tune
 
 
 def apply_method(model: nn.Module, cfg: MethodConfig) -> nn.Module:
-    if cfg.name == "full":
-        model.requires_grad_(True)
-        return model
+    """A baseline method (one without a selection) applied by its registered function."""
+    return get_method(cfg.name).apply_fn()(model, cfg)
+
+
+def train_everything(model: nn.Module, cfg: MethodConfig) -> nn.Module:  # noqa: ARG001 - the method signature
+    return model.requires_grad_(True)
+
+
+def train_head(model: nn.Module, cfg: MethodConfig) -> nn.Module:  # noqa: ARG001
     model.requires_grad_(False)
-    if cfg.name == "lora":
-        alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank
-        for path, kind, rows in matrix_blocks(model).values():
-            if kind in cfg.lora_targets:
-                layer = tune(model, path)  # LoRA parameters are created trainable
-                layer.add_lora(kind, rows, cfg.lora_rank, alpha / cfg.lora_rank)
-                layer.set_dropout(cfg.lora_dropout, cfg.module_drop_path)
     model.get_classifier().requires_grad_(True)  # every method trains the new head
+    return model
+
+
+def add_lora(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    """LoRA (rank, alpha/rank scaling, dropout, drop-path of `cfg`) on the `lora_targets` matrices, and the head."""
+    train_head(model, cfg)
+    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank
+    for path, kind, rows in matrix_blocks(model).values():
+        if kind in cfg.lora_targets:
+            layer = tune(model, path)  # LoRA parameters are created trainable
+            layer.add_lora(kind, rows, cfg.lora_rank, alpha / cfg.lora_rank)
+            layer.set_dropout(cfg.lora_dropout, cfg.module_drop_path)
     return model
 
 

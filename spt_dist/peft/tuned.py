@@ -210,6 +210,25 @@ class Tuned(nn.Module):
         return out
 
 
+    @torch.no_grad()
+    def unwrap(self) -> nn.Module:
+        """The plain layer (nn.Linear, nn.LayerNorm or nn.Conv2d) with what was learnt merged in."""
+        merged = self.merged()
+        weight = merged["weight"]
+        with torch.device("meta"):
+            if self.kind == "linear":
+                layer = nn.Linear(weight.shape[1], weight.shape[0], bias=self.bias is not None)
+            elif self.kind == "layer_norm":
+                layer = nn.LayerNorm(self.normalized_shape, eps=self.eps, bias=self.bias is not None)
+            else:
+                out_channels, in_per_group, *kernel = weight.shape
+                layer = nn.Conv2d(in_per_group * self.conv["groups"], out_channels, tuple(kernel),
+                                  bias=self.bias is not None, **self.conv)
+        for name, value in merged.items():  # frozen, as the base the deltas were trained on
+            setattr(layer, name, nn.Parameter(value, requires_grad=False))
+        return layer
+
+
 def tune(model: nn.Module, path: str) -> Tuned:
     """The `Tuned` at `path`, replacing the plain layer there on first use."""
     layer = model.get_submodule(path)

@@ -6,22 +6,51 @@ the same scores give byte-identical files on any world size and engine.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+from safetensors.torch import load_file
+
+from spt_dist import runfiles
+from spt_dist.atomic import write_safetensors, write_text
 
 from spt_dist.config import SelectionConfig
+from spt_dist.data.shards import read_json
+from spt_dist.distributed import gather_to_main
+from spt_dist.errors import UserError
 from spt_dist.selection.gps_allocation import select_rows
 from spt_dist.selection.layout import Layout, UnitCosts
 from spt_dist.selection.scores import LocalScores
 from spt_dist.selection.spt_allocation import ThresholdSearch, split_into_segments, target_cost
 
 
+ALLOCATION_JSON, ALLOCATION_INDICES = runfiles.ALLOCATION_JSON, runfiles.ALLOCATION_INDICES
+
+
 @dataclass
 class Allocation:
     record: dict  # allocation.json
     indices: dict[str, torch.Tensor]  # parameter -> sorted flat indices of its sparse entries (int32)
+
+    @property
+    def method(self) -> str:
+        return self.record["method"]
+
+    def save(self, directory: str) -> None:
+        """allocation.json and allocation.safetensors, each written whole (temporary file, then rename)."""
+        os.makedirs(directory, exist_ok=True)
+        write_text(os.path.join(directory, ALLOCATION_JSON), json.dumps(self.record, indent=1) + "\n")
+        write_safetensors(os.path.join(directory, ALLOCATION_INDICES), self.indices, {"method": self.method})
+
+    @classmethod
+    def load(cls, directory: str) -> "Allocation":
+        for name in (ALLOCATION_JSON, ALLOCATION_INDICES):
+            if not os.path.isfile(os.path.join(directory, name)):
+                raise UserError(f"allocation: '{os.path.join(directory, name)}' does not exist")
+        return cls(read_json(os.path.join(directory, ALLOCATION_JSON)),
+                   load_file(os.path.join(directory, ALLOCATION_INDICES)))
 
 
 def _score_of_key(key: int) -> float | None:
@@ -35,9 +64,8 @@ def _index_dtype(layout: Layout) -> torch.dtype:
 def _gather_indices(local: dict[str, list[torch.Tensor]], layout: Layout) -> dict[str, torch.Tensor]:
     """Rank 0 gets every rank's selected flat indices per tensor (budget-sized, not model-sized)."""
     mine = {name: torch.cat(parts) for name, parts in local.items() if parts}
-    everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(mine, everyone, dst=0)
-    if dist.get_rank() != 0:
+    everyone = gather_to_main(mine)
+    if everyone is None:
         return {}
     out = {}
     for t in layout.tensors:
@@ -113,6 +141,9 @@ def allocate_gps(scores: LocalScores, layout: Layout, sel: SelectionConfig) -> A
     indices = {name: idx.to(_index_dtype(layout)) for name, idx in rows.items()}
     units = [{"name": u.name, "tensor": u.tensor, "kind": u.kind, "size": u.size, "picks": u.rows * sel.k,
               "decision": "sparse", "cost": u.rows * sel.k} for u in layout.units]
+    for entry, u in zip(units, layout.units):
+        if u.kind == "matrix":  # a q, k or v block of the fused qkv: its rows
+            entry["rows"] = [u.start // u.cols, u.stop // u.cols]
     # What GPS trains in full whatever the scores (SPEC 3): Linear/conv biases and layer scales.
     units += [{"name": name, "tensor": name, "kind": "vector", "size": numel, "decision": "full", "cost": numel}
               for name, numel in layout.fixed_full.items()]

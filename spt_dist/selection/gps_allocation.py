@@ -7,8 +7,8 @@ ranks (ZeRO's flat partitions cut rows) is decided from each holder's own top-K 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from spt_dist.distributed import gather_to_main
 from spt_dist.errors import UserError
 from spt_dist.selection.layout import Layout
 from spt_dist.selection.scores import LocalScores
@@ -57,13 +57,10 @@ def select_rows(scores: LocalScores, layout: Layout, k: int) -> dict[str, torch.
             cols = topk_rows(block, k)
             local[chunk.tensor].append((cols + torch.arange(r, r_end)[:, None] * length).view(-1))
 
-    world = dist.get_world_size()
-    gathered_pieces = [None] * world if dist.get_rank() == 0 else None
-    dist.gather_object(pieces, gathered_pieces, dst=0)
+    gathered_pieces = gather_to_main(pieces)
     merged = {name: torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64) for name, parts in local.items()}
-    gathered = [None] * world if dist.get_rank() == 0 else None
-    dist.gather_object(merged, gathered, dst=0)
-    if dist.get_rank() != 0:
+    gathered = gather_to_main(merged)
+    if gathered is None:
         return {}
 
     split_rows: dict[tuple[str, int], list[tuple[float, int]]] = {}

@@ -6,6 +6,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from spt_dist.distributed import world_size
+
 
 def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
     """SupCon (Khosla et al. 2020) on L2-normalised features [n, d]: every other sample with the same label
@@ -29,7 +31,7 @@ def global_batch_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, 
     partial gradients times W is the full gradient of the global loss. The gathered features are put in the
     sequence's order (view-major, samples in global order) so the loss is the same on any world size.
     """
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = world_size()
     if world == 1:
         return supervised_contrastive_loss(features, labels, temperature)
     rank = dist.get_rank()

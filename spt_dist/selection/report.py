@@ -1,24 +1,11 @@
-"""The allocation's outputs: allocation.json, allocation.safetensors, a heat map and a one-screen summary."""
+"""The allocation for people: a heat map and a one-screen summary (its files: Allocation.save)."""
 
 from __future__ import annotations
 
-import json
-import os
+from spt_dist.atomic import atomic_path
 
-from spt_dist.atomic import atomic_path, write_safetensors, write_text
-from spt_dist.selection.allocation import Allocation
-
-ALLOCATION_JSON = "allocation.json"
-ALLOCATION_INDICES = "allocation.safetensors"
-HEATMAP_PNG = "allocation.png"
 _COLUMNS = ["q", "k", "v", "proj", "fc1", "fc2", "vectors"]
 _SHORT = {"lora": "L", "adapter": "A", "full": "F", "sparse": "", "frozen": "."}
-
-
-def write_allocation(allocation: Allocation, run_dir: str) -> None:
-    write_text(os.path.join(run_dir, ALLOCATION_JSON), json.dumps(allocation.record, indent=1) + "\n")
-    write_safetensors(os.path.join(run_dir, ALLOCATION_INDICES), allocation.indices,
-                      {"method": allocation.record["method"]})
 
 
 def _grid(record: dict) -> tuple[int, dict[tuple[int, str], list[dict]]]:

@@ -17,15 +17,16 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
+from spt_dist import runfiles
 from spt_dist.atomic import write_json, write_safetensors
 from spt_dist.distributed import all_reduce_
 from spt_dist.data.shards import read_json
 from spt_dist.errors import UserError
 from spt_dist.selection.layout import Layout
 
-SCORES_DIR = "scores"
+SCORES_DIR = runfiles.SCORES
 INDEX_FILE = "scores.json"
-PARTIAL_DIR = "partial"  # scores/partial/: a score pass's scores so far (resumable)
+PARTIAL_DIR = runfiles.PARTIAL_SCORES
 
 
 @dataclass

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from spt_dist.config import Config
+from spt_dist.config import Config, EngineConfig, OptimConfig
 from spt_dist.data.dataset import Dataset
 from spt_dist.data.transforms import build_contrastive_transform, build_transforms
 from spt_dist.distributed import DistInfo, all_reduce_sum
@@ -69,6 +69,16 @@ def build_score_model(cfg: Config, num_classes: int) -> torch.nn.Module:
     contrastive = cfg.selection.score_loss == "supcon"
     return create_model(cfg.model.name, 0 if contrastive else num_classes, checkpoint=cfg.model.checkpoint,
                         img_size=cfg.model.img_size, drop_path_rate=0.0)
+
+
+def scored_layout(model: torch.nn.Module, method: str) -> Layout:
+    """The layout of `method` on `model`, with exactly the scored tensors made trainable (unscored tensors need
+    no gradient: less memory and traffic; the scored ones' gradients do not depend on it)."""
+    layout = build_layout(model, method)
+    scored = {t.name for t in layout.tensors}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in scored)
+    return layout
 
 
 def score_loss_fn(sel, views: int, world: int) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, float]]:
@@ -125,10 +135,7 @@ def prepare_score_pass(cfg: Config, data: Dataset, dist_info: DistInfo) -> Score
         raise UserError(f"selection.batch_size: {sel.batch_size} is not divisible by {world} ranks")
 
     model = build_score_model(cfg, data.num_classes)
-    layout = build_layout(model, sel.method)
-    scored = {t.name for t in layout.tensors}
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in scored)  # unscored tensors need no gradient: less memory and traffic
+    layout = scored_layout(model, sel.method)
 
     views = 2 if contrastive else 1
     transform = build_contrastive_transform(model) if sel.augmented else build_transforms(model, cfg.data)[1]
@@ -139,15 +146,21 @@ def prepare_score_pass(cfg: Config, data: Dataset, dist_info: DistInfo) -> Score
         shuffle_seed=cfg.seed if sel.shuffled else None, shuffle_buffer=cfg.data.shuffle_buffer,
         num_classes=data.num_classes)
 
-    engine_cfg = dataclasses.replace(cfg.engine, precision="fp32")
-    optim_cfg = dataclasses.replace(cfg.optim, grad_accum=stream.accumulation, grad_clip=0.0)
+    engine = build_score_engine(model, cfg.engine, cfg.optim, micro, stream.accumulation, dist_info.device)
+    return ScoreSetup(engine, layout, stream, score_loss_fn(sel, views, world), batches)
+
+
+def build_score_engine(model: torch.nn.Module, engine: EngineConfig, optim: OptimConfig, micro_batch_size: int,
+                       accumulation: int, device: torch.device) -> Engine:
+    """`model` (its scored tensors trainable, nothing else) inside the engine, in fp32, with an optimizer that
+    never steps: the engine reduces each global batch's gradient and hands each rank its own shard of it."""
     engine = build_engine(model, EngineSpec(
-        engine=engine_cfg, optim=optim_cfg, micro_batch_size=micro, device=dist_info.device,
-        scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0),
+        engine=dataclasses.replace(engine, precision="fp32"),
+        optim=dataclasses.replace(optim, grad_accum=accumulation, grad_clip=0.0), micro_batch_size=micro_batch_size,
+        device=device, scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0),
         optimizer=lambda m: _NoStepOptimizer([p for p in m.parameters() if p.requires_grad])))
     engine.train()
-
-    return ScoreSetup(engine, layout, stream, score_loss_fn(sel, views, world), batches)
+    return engine
 
 
 def accumulate_scores(engine: Engine, scores: LocalScores, method: str) -> None:

@@ -8,6 +8,7 @@ import time
 
 import torch.distributed as dist
 
+from spt_dist import runfiles
 from spt_dist.atomic import write_json
 from spt_dist.config import Config
 from spt_dist.data.dataset import Dataset, resolve_dataset
@@ -18,12 +19,9 @@ from spt_dist.models import create_model
 from spt_dist.rundir import prepare_run_dir
 from spt_dist.selection.allocation import allocate
 from spt_dist.selection.layout import build_layout
-from spt_dist.selection.report import HEATMAP_PNG, save_heatmap, summary, write_allocation
+from spt_dist.selection.report import save_heatmap, summary
 from spt_dist.selection.scores import check_coverage, load_scores, remove_partial_scores, save_scores
 from spt_dist.selection.scoring import run_score_pass
-
-STAGES = ("score", "allocate", "select")
-
 
 def run_selection(cfg: Config, dist_info: DistInfo, stage: str, run_dir: str | None = None,
                   data: Dataset | None = None, resume: str | None = None) -> dict:
@@ -38,7 +36,7 @@ def run_selection(cfg: Config, dist_info: DistInfo, stage: str, run_dir: str | N
                             "run directory), or give --resume the run directory")
         existing = None if resume in (None, "latest") else os.path.abspath(resume)
         run_dir = prepare_run_dir(cfg, dist_info, stage, existing)
-    log = RunLogger(os.path.join(run_dir, "tb") if dist_info.is_main else None, 0, False)
+    log = RunLogger(os.path.join(run_dir, runfiles.TENSORBOARD) if dist_info.is_main else None, 0, False)
     say = log.write
     say(f"run directory: {run_dir}")
     timings: dict[str, float] = {}
@@ -61,7 +59,7 @@ def run_selection(cfg: Config, dist_info: DistInfo, stage: str, run_dir: str | N
         timings["score_pass_s"] = info["time_s"]
         log.scalars({"selection/score_pass_s": info["time_s"], "selection/score_loss": info["mean_loss"]}, 0)
         if stage == "score":
-            say(f"scores saved to {os.path.join(run_dir, 'scores')}")
+            say(f"scores saved to {os.path.join(run_dir, runfiles.SCORES)}")
             log.close()
             return timings
 
@@ -70,19 +68,19 @@ def run_selection(cfg: Config, dist_info: DistInfo, stage: str, run_dir: str | N
     allocation = allocate(scores, layout, sel)
     timings["allocation_s"] = time.perf_counter() - start
     if dist_info.is_main:
-        write_allocation(allocation, run_dir)
+        allocation.save(run_dir)
         text = summary(allocation.record)
         say(text)
         log.text("selection/allocation", f"```\n{text}\n```")
-        log.figure("selection/allocation", save_heatmap(allocation.record, os.path.join(run_dir, HEATMAP_PNG)))
+        log.figure("selection/allocation", save_heatmap(allocation.record, os.path.join(run_dir, runfiles.HEATMAP)))
         log.scalars({"selection/allocation_s": timings["allocation_s"],
                      "selection/cost": allocation.record["cost"],
                      "selection/cost_pct": 100 * allocation.record["cost"] / layout.backbone_params}, 0)
-        write_json(os.path.join(run_dir, f"selection-{stage}.json"),
+        write_json(os.path.join(run_dir, runfiles.selection_timings(stage)),
                    dict(timings, world_size=dist_info.world_size, engine=cfg.engine.kind,
                         zero_stage=cfg.engine.zero_stage))
-        say(f"allocation: {timings['allocation_s']:.2f} s -> {os.path.join(run_dir, 'allocation.json')}, "
-            f"allocation.safetensors, {HEATMAP_PNG}")
+        say(f"allocation: {timings['allocation_s']:.2f} s -> {os.path.join(run_dir, runfiles.ALLOCATION_JSON)}, "
+            f"allocation.safetensors, {runfiles.HEATMAP}")
     log.close()
     dist.barrier()
     return timings
