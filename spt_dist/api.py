@@ -18,6 +18,7 @@ the same functions underneath.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -145,17 +146,12 @@ def score(model: nn.Module, batches: Iterable, method: str = "spt", loss: str | 
         micro_batches = _micro_batches(first)
         wrapped = build_score_engine(model, engine_cfg, OptimConfig(), len(micro_batches[0][1]),
                                      len(micro_batches), device)
-        for item in _chain(first, iterator):
+        for item in itertools.chain([first], iterator):
             micro = [{"images": images, "labels": labels} for images, labels in _micro_batches(item)]
             global_batch_step(wrapped, micro, loss_fn, device, lambda: accumulate_scores(wrapped, scores, method))
     scores.finish(absolute=method == "gps")
     check_coverage(scores, layout)
     return Scores(method, layout, scores)
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
 
 
 def _score_plain(model: nn.Module, layout: Layout, batches: Iterable, loss_fn, method: str, device, scores) -> int:
