@@ -112,7 +112,8 @@ def score(model: nn.Module, batches: Iterable, method: str = "spt", loss: str | 
     rank's equal share of it under a process group; or lists of them, micro-batches of equal size whose mean
     gradient is the batch's (gradient accumulation). `loss`: 'ce' (cross-entropy of the model's output),
     'supcon' (supervised contrastive on the model's output features, e.g. a timm model with num_classes=0;
-    each batch holds `views` views of its images, view-major) or a function (output, labels) -> loss.
+    each batch holds `views` views of its images, view-major; GPS's own loss, SPEC 3, and the command line's
+    default for GPS) or a function (output, labels) -> loss.
     The model is scored as it is (call `.train()` or `.eval()` first as you wish; SPEC 2 scores in train mode
     without drop-path). Only the scored tensors are made trainable; nothing is updated.
 
@@ -273,7 +274,10 @@ def get_peft_model(model: nn.Module, how: Allocation | str | MethodConfig, *, sp
                    dropout: float = 0.0, drop_path: float = 0.0, lora_rank: int = 8) -> PeftModel:
     """`model` with the trainable structure of an allocation (SPT: sparse deltas, LoRA/Adapter modules, full
     vectors, cls_token; GPS: per-row deltas, Linear/conv biases; both: the head), or of a baseline ('full',
-    'linear', 'lora' on q and v, or a MethodConfig). `dropout` / `drop_path`: on the modules' input / output."""
+    'linear', 'lora' on q and v, or a MethodConfig). `dropout` / `drop_path`: on the modules' input / output.
+    Weight decay: SPEC 2 decays 2-D weights only, never sparse entries; `spt_dist.optim.param_groups(
+    peft.base_model, wd)` gives those groups (with sparse_update='dense_masked' a decaying optimizer over the
+    whole tensors would move entries that must stay frozen)."""
     _check_model(model)
     if isinstance(how, Allocation):
         selected = MethodConfig(name="spt_lora", sparse_update=sparse_update, lora_dropout=dropout,

@@ -8,6 +8,7 @@ process group or model exists. The resolved config is written into the run direc
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -171,7 +172,8 @@ class SelectionConfig:
         _check(self.micro_batch_size is None or self.micro_batch_size > 0, "selection.micro_batch_size",
                self.micro_batch_size, "must be > 0")
         _check(self.batches is None or self.batches > 0, "selection.batches", self.batches, "must be > 0")
-        _check(self.budget > 0, "selection.budget", self.budget, "must be > 0 (a count, or a fraction below 1)")
+        _check(math.isfinite(self.budget) and self.budget > 0, "selection.budget", self.budget,
+               "must be > 0 (a count, or a fraction below 1)")
         _check(self.budget < 1 or self.budget == int(self.budget), "selection.budget", self.budget,
                "a count must be a whole number (or give a fraction below 1)")
         _check(self.module_rank > 0, "selection.module_rank", self.module_rank, "must be > 0")

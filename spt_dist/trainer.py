@@ -148,6 +148,10 @@ class Trainer:
         if record["method"] != self.cfg.selection.method:
             raise UserError(f"method.allocation: '{directory}' holds a {record['method']} allocation, "
                             f"method.name {method.name} needs {self.cfg.selection.method}")
+        modules = {u.get("decision") for u in record.get("units", [])} & {"lora", "adapter"}
+        if modules - {self.method.structured}:
+            raise UserError(f"method.allocation: '{directory}' holds {', '.join(sorted(modules))} modules, method.name "
+                            f"{method.name} trains {self.method.structured or 'none'} (spt_adapter trains Adapters)")
         for name in (runfiles.ALLOCATION_JSON, runfiles.ALLOCATION_INDICES):  # kept to go into every checkpoint
             with open(os.path.join(directory, name), "rb") as f:
                 self.allocation_files[name] = f.read()
@@ -197,15 +201,17 @@ class Trainer:
         engine.load_scheduler_state(checkpoint.state["scheduler"])
         self.skipped_steps = checkpoint.state.get("skipped_steps", 0)
         was = checkpoint.state["world_size"]
+        change = f"{was} -> {self.dist.world_size} ranks" if was != self.dist.world_size else \
+            "another per-rank batch or data order setting"
         if exact:
             rng, rng_json, rank_state = checkpoint.rank_state(self.dist.rank)
             self.train_stream.load_state_dict(rank_state["data"])
             restore_rng(rng, rng_json)
             self._resume_note = f"resumed from {checkpoint.directory} (step {checkpoint.step}): data, RNG and state exactly"
         else:
-            self._resume_note = (f"resumed from {checkpoint.directory} (step {checkpoint.step}, {was} -> "
-                                 f"{self.dist.world_size} ranks): trainable and optimizer state and schedule; the data set is "
-                                 f"dealt out anew and read from the start of the epoch the run was in")
+            self._resume_note = (f"resumed from {checkpoint.directory} (step {checkpoint.step}, {change}): trainable "
+                                 "and optimizer state and schedule; the data set is dealt out anew and read from the "
+                                 "start of the epoch the run was in")
 
     def _open_samples_log(self):
         """output.log_samples: samples/rank_RRRRR.txt, one line per optimizer step ("step key key ..."). A

@@ -170,7 +170,8 @@ def _edited(allocation, unit_edit=None, index_edit=None):
     (dict(unit_edit=("adapter", "rows", [0, 1000])), "do not fit"),
     (dict(unit_edit=("adapter", "rows", [0.0, 64.0])), "do not fit"),
     (dict(unit_edit=("adapter", "rows", [64, 0])), "do not fit"),
-    (dict(unit_edit=("adapter", "rank", -3)), "rank > 0"),
+    (dict(unit_edit=("adapter", "rank", -3)), "a whole rank in [1, "),
+    (dict(unit_edit=("adapter", "rank", 10**8)), "a whole rank in [1, "),
     (dict(unit_edit=("adapter", "decision", "LoRA")), "unknown decision 'LoRA'"),
     (dict(unit_edit=("sparse", "tensor", "blocks.9.mlp.fc1.weight")), "no parameter 'blocks.9.mlp.fc1.weight'"),
     (dict(index_edit=lambda i: i + 10_000_000), "must be increasing whole numbers"),
@@ -190,6 +191,9 @@ def test_another_models_allocation_and_artifacts_fail_with_one_line(tiny_allocat
     from spt_dist.errors import UserError
     with pytest.raises(UserError, match="another model"):
         spt_dist.get_peft_model(create_model("vit_test_small_patch8_32", 4), tiny_allocation)
+    deeper = timm.create_model("vit_test_tiny_patch8_32", pretrained=False, num_classes=4, depth=4)
+    with pytest.raises(UserError, match="scored params, this one has"):  # same names and widths, more blocks
+        spt_dist.get_peft_model(deeper, tiny_allocation)
     peft = spt_dist.get_peft_model(create_model("vit_test_tiny_patch8_32", 4), tiny_allocation)
     with pytest.raises(UserError, match="Adapters"):
         peft.merge_and_unload()
@@ -275,3 +279,12 @@ def test_non_editable_install_runs_the_demo_and_the_slurm_dry_run(tmp_path):
     dry = run("spt-slurm", "launch", "--dry-run", "--nodelist", "gpu[01-02]", "--gpus-per-node", "2",
               "--job-id", "7", "--config", str(REPO / "tests/configs/tiny.yaml"), "output.name=big").stdout
     assert "-m spt_dist.train" in dry and "node 1 gpu02: ranks 2-3" in dry
+
+
+def test_training_an_adapter_allocation_as_lora_stops_before_training(tiny_allocation, synthetic_shards, tmp_path):
+    tiny_allocation.save(str(tmp_path / "adapters"))
+    result = run_job([TRAIN, "--config", "tests/configs/tiny.yaml", *tiny_overrides(synthetic_shards, tmp_path, "x"),
+                      "method.name=spt_lora", f"method.allocation={tmp_path / 'adapters'}"], launcher="python",
+                     timeout=120)
+    assert result.returncode == 2 and "holds adapter modules, method.name spt_lora trains lora" in result.stderr
+    assert not (tmp_path / "x" / "checkpoints").exists()

@@ -17,6 +17,7 @@ from torch import nn
 from spt_dist.errors import UserError
 from spt_dist.peft.tuned import Tuned, tune
 from spt_dist.selection.allocation import ALLOCATION_INDICES, ALLOCATION_JSON, Allocation
+from spt_dist.selection.layout import build_layout
 
 
 def read_allocation(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -53,15 +54,24 @@ def _rows(unit: dict, param: torch.Tensor) -> tuple[int, int]:
     return rows[0], rows[1]
 
 
-def check_allocation(record, indices: dict, params: dict[str, torch.Tensor]) -> None:
+def check_allocation(record, indices: dict, model: nn.Module) -> None:
     """An allocation that fits this model, or one line saying what does not (a hand-edited, corrupt or another
-    model's allocation must not train something else silently)."""
+    model's allocation must not train something else silently). Nothing is changed before it passes."""
     if not isinstance(record, dict) or record.get("method") not in ("spt", "gps") or \
             not isinstance(record.get("units"), list) or not isinstance(record.get("totals"), dict):
         raise UserError("allocation: allocation.json is not an allocation (method spt|gps, units, totals)")
     if record["method"] == "gps" and "full_vectors" not in record["totals"]:
         raise UserError("allocation: a GPS allocation of an older spt_dist (it trained the norms' biases too); "
                         "make it again with `--stage allocate`")
+    layout = build_layout(model, record["method"])
+    for key, here in (("scored_params", layout.scored_params), ("backbone_params", layout.backbone_params)):
+        if record.get(key) != here:
+            raise UserError(f"allocation: made for a model with {record.get(key)!r} {key.replace('_', ' ')}, this "
+                            f"one has {here:,}: was the allocation made for another model?")
+    params = dict(model.named_parameters())
+    tunable = {f"{path}.{name}" if path else name for path, m in model.named_modules()
+               if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Conv2d, Tuned)) for name, _ in m.named_parameters(recurse=False)}
+    modules = set()
     for unit in record["units"]:
         if not isinstance(unit, dict) or not isinstance(unit.get("name"), str) or unit.get("tensor") not in params:
             name = unit.get("tensor") if isinstance(unit, dict) else unit
@@ -76,11 +86,21 @@ def check_allocation(record, indices: dict, params: dict[str, torch.Tensor]) -> 
         if unit.get("size") != size:
             raise UserError(f"allocation: unit '{unit['name']}' has {unit.get('size')!r} entries, rows {r0}:{r1} "
                             f"of this model's '{unit['tensor']}' {size}: was the allocation made for another model?")
-        if decision in ("lora", "adapter") and (param.ndim != 2 or type(unit.get("rank")) is not int
-                                                or unit["rank"] <= 0):
-            raise UserError(f"allocation: unit '{unit['name']}': {decision} needs a weight matrix and a whole "
-                            f"rank > 0 (got shape {list(param.shape)}, rank {unit.get('rank')!r})")
+        if decision in ("lora", "adapter"):
+            block = (unit["tensor"], unit["name"].rsplit(".", 1)[-1])
+            if param.ndim != 2 or unit["tensor"] not in tunable or type(unit.get("rank")) is not int or \
+                    not 0 < unit["rank"] <= min(r1 - r0, param.shape[1]) or block in modules:
+                raise UserError(f"allocation: unit '{unit['name']}': {decision} needs a Linear's weight, a whole rank "
+                                f"in [1, {min(r1 - r0, param.shape[-1])}] and one module per block (shape "
+                                f"{list(param.shape)}, rank {unit.get('rank')!r})")
+            modules.add(block)
+        if decision in ("sparse", "full") and (r0, r1) != (0, param.shape[0]) and unit["tensor"] not in tunable:
+            raise UserError(f"allocation: unit '{unit['name']}': '{unit['tensor']}' is not a Linear, LayerNorm or "
+                            "conv parameter: its entries cannot be tuned apart")
     for name, index in indices.items():
+        if name not in tunable:
+            raise UserError(f"allocation: '{name}' is not a Linear, LayerNorm or conv parameter of this model: "
+                            "its entries cannot be tuned apart (was the allocation made for another model?)")
         if name not in params:
             raise UserError(f"allocation: this model has no parameter '{name}': was the allocation made for "
                             "another model?")
@@ -93,8 +113,8 @@ def check_allocation(record, indices: dict, params: dict[str, torch.Tensor]) -> 
 
 def apply_allocation(model: nn.Module, record: dict, indices: dict[str, torch.Tensor], *,
                      sparse_update: str = "delta", dropout: float = 0.0, drop_path: float = 0.0) -> nn.Module:
+    check_allocation(record, indices, model)
     params = dict(model.named_parameters())
-    check_allocation(record, indices, params)
     model.requires_grad_(False)
     sparse = {name: index.to(torch.int64) for name, index in indices.items()}
     for unit in record["units"]:
@@ -102,7 +122,7 @@ def apply_allocation(model: nn.Module, record: dict, indices: dict[str, torch.Te
         if decision in ("lora", "adapter"):
             tuned, _ = _tune(model, tensor)
             block = unit["name"].rsplit(".", 1)[-1]
-            r0, r1 = unit["rows"]
+            r0, r1 = _rows(unit, params[tensor])
             if decision == "lora":
                 tuned.add_lora(block, (r0, r1), unit["rank"], scale=1.0)  # SPEC 2: no alpha/r scaling
             else:
