@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -27,11 +28,13 @@ import torch
 from torch import nn
 
 from spt_dist.config import EngineConfig, MethodConfig, OptimConfig, SelectionConfig
+from spt_dist.data.shards import read_json
 from spt_dist.distributed import all_reduce_, broadcast_object, rank, world_size
+from spt_dist.engines import ENGINE_SETTINGS
 from spt_dist.errors import UserError
 from spt_dist.methods import get_method
 from spt_dist.peft.allocated import apply_allocation
-from spt_dist.peft.artifact import load_pretrained, save_pretrained
+from spt_dist.peft.artifact import CONFIG_FILE, load_pretrained, save_pretrained
 from spt_dist.peft.baselines import apply_method, format_trainable_parameters, trainable_parameters
 from spt_dist.peft.tuned import SPARSE_MODES, Tuned
 from spt_dist.selection.allocation import Allocation, allocate_gps, allocate_spt
@@ -40,12 +43,6 @@ from spt_dist.selection.scores import LocalScores, check_coverage
 from spt_dist.selection.scoring import (
     accumulate_scores, build_score_engine, global_batch_step, score_loss_fn, scored_layout,
 )
-
-# `engine=` shorthands: the engines the command line offers (spt_dist.engines.VARIANTS).
-ENGINES = {"zero0": dict(kind="deepspeed", zero_stage=0), "zero1": dict(kind="deepspeed", zero_stage=1),
-           "zero2": dict(kind="deepspeed", zero_stage=2), "zero3": dict(kind="deepspeed", zero_stage=3),
-           "fsdp2": dict(kind="fsdp")}
-
 
 @dataclass
 class Scores:
@@ -137,9 +134,11 @@ def score(model: nn.Module, batches: Iterable, method: str = "spt", loss: str | 
         if not _score_plain(model, layout, batches, loss_fn, method, device, scores):
             raise UserError("score: no batches")
     else:
-        engine_cfg = EngineConfig(**ENGINES[engine]) if isinstance(engine, str) and engine in ENGINES else engine
+        engine_cfg = EngineConfig(**ENGINE_SETTINGS[engine]) if isinstance(engine, str) and engine in ENGINE_SETTINGS \
+            else engine
         if not isinstance(engine_cfg, EngineConfig):
-            raise UserError(f"score: engine must be one of {', '.join(ENGINES)} or an EngineConfig (got {engine!r})")
+            raise UserError(f"score: engine must be one of {', '.join(ENGINE_SETTINGS)} or an EngineConfig "
+                            f"(got {engine!r})")
         iterator = iter(batches)
         first = next(iterator, None)
         if first is None:
@@ -251,9 +250,8 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str) -> "PeftModel":
         """`model` (the base the artifact was trained from) with the artifact applied."""
-        from spt_dist.peft.artifact import read_pretrained  # noqa: PLC0415
-        method = read_pretrained(directory)[0].get("method", "peft")
-        return cls(load_pretrained(directory, model), method)
+        model = load_pretrained(directory, model)
+        return cls(model, read_json(os.path.join(directory, CONFIG_FILE)).get("method", "peft"))
 
     def merge_and_unload(self) -> nn.Module:
         """The base model with every delta and LoRA product folded into its weights, as plain layers (Adapters
@@ -280,9 +278,9 @@ def get_peft_model(model: nn.Module, how: Allocation | str | MethodConfig, *, sp
     whole tensors would move entries that must stay frozen)."""
     _check_model(model)
     if isinstance(how, Allocation):
-        selected = MethodConfig(name="spt_lora", sparse_update=sparse_update, lora_dropout=dropout,
-                                module_drop_path=drop_path)
-        selected.validate()
+        for name, value in (("dropout", dropout), ("drop_path", drop_path)):
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise UserError(f"get_peft_model: {name} must be in [0, 1) (got {value!r})")
         if sparse_update not in SPARSE_MODES:
             raise UserError(f"get_peft_model: sparse_update must be one of {', '.join(SPARSE_MODES)} "
                             f"(got {sparse_update!r})")

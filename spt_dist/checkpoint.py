@@ -35,7 +35,6 @@ from spt_dist.data.shards import read_json
 from spt_dist.engines.base import ADAM_STATE, Engine
 from spt_dist.errors import UserError
 
-CHECKPOINTS, STATE_JSON = runfiles.CHECKPOINTS, runfiles.STATE_JSON
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -77,7 +76,7 @@ def save_checkpoint(run_dir: str, step: int, *, engine: Engine, state: dict, ran
     """Collective. `state`: JSON for state.json (rank 0's is written); `rank_state`: this rank's JSON (data
     position...), saved with its RNG states; `files`: more files by name (the allocation). Returns the
     checkpoint directory."""
-    root = os.path.join(run_dir, CHECKPOINTS)
+    root = os.path.join(run_dir, runfiles.CHECKPOINTS)
     final = os.path.join(root, f"step_{step:08d}")
     partial = os.path.join(root, f".partial-step_{step:08d}")
     if rank == 0:
@@ -97,7 +96,7 @@ def save_checkpoint(run_dir: str, step: int, *, engine: Engine, state: dict, ran
         for name, content in (files or {}).items():
             with open(os.path.join(partial, name), "wb") as f:  # inside the partial directory: atomic with it
                 f.write(content)
-        write_json(os.path.join(partial, STATE_JSON), dict(state, step=step, optimizer_steps=optimizer_steps))
+        write_json(os.path.join(partial, runfiles.STATE_JSON), dict(state, step=step, optimizer_steps=optimizer_steps))
     dist.barrier()  # every rank's file is in place
     if rank == 0:
         if os.path.isdir(final):  # the same step saved again (a resumed run's final save): replace it whole
@@ -150,22 +149,22 @@ def complete_steps(root: str) -> list[int]:
     if not os.path.isdir(root):
         return []
     steps = [int(m.group(1)) for m in map(_STEP_DIR.match, os.listdir(root)) if m]
-    return sorted(s for s in steps if os.path.isfile(os.path.join(root, f"step_{s:08d}", STATE_JSON)))
+    return sorted(s for s in steps if os.path.isfile(os.path.join(root, f"step_{s:08d}", runfiles.STATE_JSON)))
 
 
 def find_checkpoint(resume: str, run_dir: str | None) -> str | None:
     """`--resume latest`: the newest complete checkpoint of `run_dir`, or None (a first start). `--resume PATH`:
     a checkpoint directory, or a run directory (its newest checkpoint, which must exist)."""
     if resume == "latest":
-        steps = complete_steps(os.path.join(run_dir, CHECKPOINTS))
-        return os.path.join(run_dir, CHECKPOINTS, f"step_{steps[-1]:08d}") if steps else None
+        steps = complete_steps(os.path.join(run_dir, runfiles.CHECKPOINTS))
+        return os.path.join(run_dir, runfiles.CHECKPOINTS, f"step_{steps[-1]:08d}") if steps else None
     path = os.path.abspath(resume)
-    if os.path.isfile(os.path.join(path, STATE_JSON)):
+    if os.path.isfile(os.path.join(path, runfiles.STATE_JSON)):
         return path
-    steps = complete_steps(os.path.join(path, CHECKPOINTS))
+    steps = complete_steps(os.path.join(path, runfiles.CHECKPOINTS))
     if not steps:
         raise UserError(f"--resume: '{resume}' is neither a checkpoint nor a run directory with a complete one")
-    return os.path.join(path, CHECKPOINTS, f"step_{steps[-1]:08d}")
+    return os.path.join(path, runfiles.CHECKPOINTS, f"step_{steps[-1]:08d}")
 
 
 def run_dir_of(checkpoint: str) -> str:
@@ -179,7 +178,7 @@ class Checkpoint:
 
     @classmethod
     def read(cls, directory: str) -> "Checkpoint":
-        return cls(directory, read_json(os.path.join(directory, STATE_JSON)))
+        return cls(directory, read_json(os.path.join(directory, runfiles.STATE_JSON)))
 
     @property
     def step(self) -> int:

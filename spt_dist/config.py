@@ -352,6 +352,13 @@ def save_config(cfg: Config, path: str) -> None:
     write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+def get_dotted(tree: dict[str, Any], dotted: str) -> Any:
+    """The value at a dotted key of a `Config.to_dict()` tree, e.g. 'selection.budget'."""
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = tree

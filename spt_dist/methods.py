@@ -49,10 +49,8 @@ class PeftMethod:
         """The budget as the reports show it, from a `Config.to_dict()` tree."""
         if self.budget is None:
             return None
-        value = config
-        for part in self.budget[0].split("."):
-            value = value[part]
-        return self.budget[1].format(value)
+        from spt_dist.config import get_dotted  # noqa: PLC0415 - the config imports this registry
+        return self.budget[1].format(get_dotted(config, self.budget[0]))
 
 
 _METHODS: dict[str, PeftMethod] = {}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from spt_dist import runfiles
 from spt_dist.atomic import write_json, write_text
 from spt_dist.checkpoint import Checkpoint, CheckpointManager, restore_rng
-from spt_dist.config import Config
+from spt_dist.config import Config, get_dotted
 from spt_dist.data.dataset import resolve_dataset
 from spt_dist.data.loader import FAULT_KINDS, EvalStream, TrainStream, require_shards
 from spt_dist.data.transforms import build_transforms
@@ -55,15 +55,9 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def _dotted(tree: dict, key: str):
-    for part in key.split("."):
-        tree = tree[part]
-    return tree
-
-
 def _changed(saved: dict, now: dict, keys: tuple[str, ...]) -> list[str]:
     """The dotted config keys whose values differ between two `Config.to_dict()` trees."""
-    return [key for key in keys if _dotted(saved, key) != _dotted(now, key)]
+    return [key for key in keys if get_dotted(saved, key) != get_dotted(now, key)]
 
 
 class Trainer:
@@ -76,7 +70,6 @@ class Trainer:
         require_shards(data.train_shards, dist_info.world_size, cfg.data.workers)
         self.num_classes = data.num_classes
         self.settings = RunSettings.resolve(cfg, data.train_samples, dist_info.world_size)
-        self.schedule = self.settings.schedule
 
         self.run_dir, checkpoint_dir = open_run(cfg, dist_info, "train", resume)
         self.checkpoint = Checkpoint.read(checkpoint_dir) if checkpoint_dir else None
@@ -116,8 +109,8 @@ class Trainer:
 
         spec = EngineSpec(engine=cfg.engine, optim=cfg.optim, micro_batch_size=self.settings.batch_size,
                           device=dist_info.device,
-                          scheduler=lambda opt: build_scheduler(opt, cfg.optim, self.schedule.total_steps,
-                                                                self.schedule.warmup_steps))
+                          scheduler=lambda opt: build_scheduler(opt, cfg.optim, self.settings.schedule.total_steps,
+                                                                self.settings.schedule.warmup_steps))
         self.engine = build_engine(self.model, spec)
         self.evaluate = Evaluator(self.engine, self.eval_stream, tuple(model.patch_embed.img_size), dist_info.device)
         self.checkpoints = CheckpointManager(
@@ -130,7 +123,7 @@ class Trainer:
         if self.checkpoint:
             self._restore(resumed_weights, exact)
         self.log = RunLogger(os.path.join(self.run_dir, runfiles.TENSORBOARD) if dist_info.is_main else None,
-                             self.schedule.total_steps, cfg.output.progress,
+                             self.settings.schedule.total_steps, cfg.output.progress,
                              purge_step=self.start_step + 1 if self.checkpoint else None,
                              initial_step=self.start_step)
         self.samples_log = self._open_samples_log()
@@ -164,7 +157,7 @@ class Trainer:
         if changed:
             key = changed[0]
             raise UserError(f"{key}: the checkpoint {checkpoint.directory} was written with "
-                            f"{_dotted(saved, key)!r}, this run has {_dotted(now, key)!r}")
+                            f"{get_dotted(saved, key)!r}, this run has {get_dotted(now, key)!r}")
 
     def _load_trainable(self) -> dict[str, torch.Tensor]:
         """The checkpoint's trainable tensors, into the plain model before any engine wraps it."""
@@ -242,7 +235,8 @@ class Trainer:
                 self.samples_log.close()
 
     def _fit(self) -> dict:
-        cfg, sched, engine, settings = self.cfg, self.schedule, self.engine, self.settings
+        cfg, engine, settings = self.cfg, self.engine, self.settings
+        sched = settings.schedule
         tensorboard = os.path.join(self.run_dir, runfiles.TENSORBOARD)
         self._say(f"run directory: {self.run_dir}\ntensorboard:   tensorboard --logdir {tensorboard}")
         self._say(f"{cfg.model.name} / {cfg.method.name} / {cfg.engine.kind}"

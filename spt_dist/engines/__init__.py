@@ -9,14 +9,14 @@ from torch import nn
 from spt_dist.engines.base import Engine, EngineSpec
 from spt_dist.optim import build_optimizer
 
-# Every engine setting by short name, as config overrides: what the tests and benchmarks sweep over.
-VARIANTS: dict[str, list[str]] = {
-    "zero0": ["engine.kind=deepspeed", "engine.zero_stage=0"],
-    "zero1": ["engine.kind=deepspeed", "engine.zero_stage=1"],
-    "zero2": ["engine.kind=deepspeed", "engine.zero_stage=2"],
-    "zero3": ["engine.kind=deepspeed", "engine.zero_stage=3"],
-    "fsdp2": ["engine.kind=fsdp"],
+# Every engine setting by short name (EngineConfig fields): what the tests, benchmarks and the library's
+# `score(engine=...)` choose from; VARIANTS: the same as config overrides.
+ENGINE_SETTINGS: dict[str, dict] = {
+    **{f"zero{stage}": {"kind": "deepspeed", "zero_stage": stage} for stage in range(4)},
+    "fsdp2": {"kind": "fsdp"},
 }
+VARIANTS: dict[str, list[str]] = {name: [f"engine.{key}={value}" for key, value in fields.items()]
+                                  for name, fields in ENGINE_SETTINGS.items()}
 
 
 def build_engine(model: nn.Module, spec: EngineSpec) -> Engine:
@@ -29,4 +29,4 @@ def build_engine(model: nn.Module, spec: EngineSpec) -> Engine:
     return FSDPEngine(model, spec)
 
 
-__all__ = ["VARIANTS", "Engine", "EngineSpec", "build_engine"]
+__all__ = ["ENGINE_SETTINGS", "VARIANTS", "Engine", "EngineSpec", "build_engine"]

@@ -9,24 +9,21 @@ stores it, so a fresh timm model can be given the same trainable structure again
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 from spt_dist.errors import UserError
 from spt_dist.peft.tuned import Tuned, tune
-from spt_dist.selection.allocation import ALLOCATION_INDICES, ALLOCATION_JSON, Allocation
+from spt_dist.selection.allocation import Allocation
 from spt_dist.selection.layout import build_layout
 
 
 def read_allocation(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """allocation.json and allocation.safetensors of a run directory (`method.allocation`)."""
-    for name in (ALLOCATION_JSON, ALLOCATION_INDICES):
-        if not os.path.isfile(os.path.join(directory, name)):
-            raise UserError(f"method.allocation: '{os.path.join(directory, name)}' does not exist; run "
-                            "`--stage select` first")
-    allocation = Allocation.load(directory)
+    try:
+        allocation = Allocation.load(directory)
+    except UserError as e:  # "allocation: ..." names the setting that pointed there
+        raise UserError(f"method.{e}; run `--stage select` first") from None
     return allocation.record, allocation.indices
 
 
@@ -98,12 +95,12 @@ def check_allocation(record, indices: dict, model: nn.Module) -> None:
             raise UserError(f"allocation: unit '{unit['name']}': '{unit['tensor']}' is not a Linear, LayerNorm or "
                             "conv parameter: its entries cannot be tuned apart")
     for name, index in indices.items():
-        if name not in tunable:
-            raise UserError(f"allocation: '{name}' is not a Linear, LayerNorm or conv parameter of this model: "
-                            "its entries cannot be tuned apart (was the allocation made for another model?)")
         if name not in params:
             raise UserError(f"allocation: this model has no parameter '{name}': was the allocation made for "
                             "another model?")
+        if name not in tunable:
+            raise UserError(f"allocation: '{name}' is not a Linear, LayerNorm or conv parameter: its entries cannot "
+                            "be tuned apart")
         numel = params[name].numel()
         if index.dtype not in (torch.int32, torch.int64) or index.ndim != 1 or (index.numel() and (
                 int(index.min()) < 0 or int(index.max()) >= numel or not bool((index[1:] > index[:-1]).all()))):

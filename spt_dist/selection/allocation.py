@@ -21,12 +21,11 @@ from spt_dist.data.shards import read_json
 from spt_dist.distributed import gather_to_main
 from spt_dist.errors import UserError
 from spt_dist.selection.gps_allocation import select_rows
-from spt_dist.selection.layout import Layout, UnitCosts
+from spt_dist.selection.layout import Layout, Unit, UnitCosts
 from spt_dist.selection.scores import LocalScores
 from spt_dist.selection.spt_allocation import ThresholdSearch, split_into_segments, target_cost
 
 
-ALLOCATION_JSON, ALLOCATION_INDICES = runfiles.ALLOCATION_JSON, runfiles.ALLOCATION_INDICES
 
 
 @dataclass
@@ -41,16 +40,16 @@ class Allocation:
     def save(self, directory: str) -> None:
         """allocation.json and allocation.safetensors, each written whole (temporary file, then rename)."""
         os.makedirs(directory, exist_ok=True)
-        write_text(os.path.join(directory, ALLOCATION_JSON), json.dumps(self.record, indent=1) + "\n")
-        write_safetensors(os.path.join(directory, ALLOCATION_INDICES), self.indices, {"method": self.method})
+        write_text(os.path.join(directory, runfiles.ALLOCATION_JSON), json.dumps(self.record, indent=1) + "\n")
+        write_safetensors(os.path.join(directory, runfiles.ALLOCATION_INDICES), self.indices, {"method": self.method})
 
     @classmethod
     def load(cls, directory: str) -> "Allocation":
-        for name in (ALLOCATION_JSON, ALLOCATION_INDICES):
+        for name in (runfiles.ALLOCATION_JSON, runfiles.ALLOCATION_INDICES):
             if not os.path.isfile(os.path.join(directory, name)):
                 raise UserError(f"allocation: '{os.path.join(directory, name)}' does not exist")
-        return cls(read_json(os.path.join(directory, ALLOCATION_JSON)),
-                   load_file(os.path.join(directory, ALLOCATION_INDICES)))
+        return cls(read_json(os.path.join(directory, runfiles.ALLOCATION_JSON)),
+                   load_file(os.path.join(directory, runfiles.ALLOCATION_INDICES)))
 
 
 def _score_of_key(key: int) -> float | None:
@@ -59,6 +58,16 @@ def _score_of_key(key: int) -> float | None:
 
 def _index_dtype(layout: Layout) -> torch.dtype:
     return torch.int32 if max(t.numel for t in layout.tensors) < 2**31 else torch.int64
+
+
+def _rows(u: Unit, layout: Layout) -> dict:
+    """A matrix unit's output rows (a q, k or v block of the fused qkv, or the whole Linear), and those of a
+    vector that is part of its tensor (a fused bias's q, k or v): what training applies the decision to."""
+    if u.kind == "matrix":
+        return {"rows": [u.start // u.cols, u.stop // u.cols]}
+    if u.size != layout.tensor(u.tensor).numel:
+        return {"rows": [u.start, u.stop]}
+    return {}
 
 
 def _gather_indices(local: dict[str, list[torch.Tensor]], layout: Layout) -> dict[str, torch.Tensor]:
@@ -96,10 +105,7 @@ def allocate_spt(scores: LocalScores, layout: Layout, sel: SelectionConfig) -> A
             sparse.add(i)
         entry = {"name": u.name, "tensor": u.tensor, "kind": u.kind, "size": u.size, "picks": picks[i],
                  "decision": decision, "cost": unit_cost[i]}
-        if u.kind == "matrix":
-            entry["rows"] = [u.start // u.cols, u.stop // u.cols]
-        elif u.size != layout.tensor(u.tensor).numel:  # a fused bias's row block: its own vector
-            entry["rows"] = [u.start, u.stop]
+        entry.update(_rows(u, layout))
         if decision in ("lora", "adapter"):
             entry["rank"] = sel.module_rank
         units.append(entry)
@@ -142,8 +148,7 @@ def allocate_gps(scores: LocalScores, layout: Layout, sel: SelectionConfig) -> A
     units = [{"name": u.name, "tensor": u.tensor, "kind": u.kind, "size": u.size, "picks": u.rows * sel.k,
               "decision": "sparse", "cost": u.rows * sel.k} for u in layout.units]
     for entry, u in zip(units, layout.units):
-        if u.kind == "matrix":  # a q, k or v block of the fused qkv: its rows
-            entry["rows"] = [u.start // u.cols, u.stop // u.cols]
+        entry.update(_rows(u, layout))
     # What GPS trains in full whatever the scores (SPEC 3): Linear/conv biases and layer scales.
     units += [{"name": name, "tensor": name, "kind": "vector", "size": numel, "decision": "full", "cost": numel}
               for name, numel in layout.fixed_full.items()]

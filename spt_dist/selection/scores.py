@@ -24,9 +24,7 @@ from spt_dist.data.shards import read_json
 from spt_dist.errors import UserError
 from spt_dist.selection.layout import Layout
 
-SCORES_DIR = runfiles.SCORES
 INDEX_FILE = "scores.json"
-PARTIAL_DIR = runfiles.PARTIAL_SCORES
 
 
 @dataclass
@@ -85,7 +83,7 @@ def check_coverage(scores: LocalScores, layout: Layout) -> None:
 
 def save_scores(scores: LocalScores, run_dir: str, rank: int, world: int, info: dict) -> None:
     """Collective: each rank writes its file, then rank 0 the index (written last: its presence means complete)."""
-    directory = os.path.join(run_dir, SCORES_DIR)
+    directory = os.path.join(run_dir, runfiles.SCORES)
     os.makedirs(directory, exist_ok=True)
     tensors = {f"{c.tensor}@{c.start}": c.values.contiguous() for c in scores.chunks}
     write_safetensors(os.path.join(directory, f"rank-{rank:05d}-of-{world:05d}.safetensors"), tensors,
@@ -97,7 +95,7 @@ def save_scores(scores: LocalScores, run_dir: str, rank: int, world: int, info: 
 
 
 def read_index(run_dir: str) -> dict:
-    path = os.path.join(run_dir, SCORES_DIR, INDEX_FILE)
+    path = os.path.join(run_dir, runfiles.SCORES, INDEX_FILE)
     index = read_json(path)
     if index is None:
         raise UserError(f"no scores in '{os.path.dirname(path)}': run `--stage score` first with the same "
@@ -111,7 +109,7 @@ def load_scores(run_dir: str, rank: int, world: int) -> tuple[LocalScores, dict]
     saved_world = int(index["world_size"])
     scores = LocalScores()
     for file_rank in range(rank, saved_world, world):
-        path = os.path.join(run_dir, SCORES_DIR, f"rank-{file_rank:05d}-of-{saved_world:05d}.safetensors")
+        path = os.path.join(run_dir, runfiles.SCORES, f"rank-{file_rank:05d}-of-{saved_world:05d}.safetensors")
         if not os.path.isfile(path):
             raise UserError(f"scores: '{path}' is missing; run the score stage again")
         with safe_open(path, framework="pt") as f:
@@ -128,8 +126,9 @@ def _rank_file(rank: int, world: int) -> str:
 def save_partial_scores(scores: LocalScores, run_dir: str, rank: int, world: int, progress: dict) -> None:
     """Collective: the scores so far and this rank's `progress` (JSON), replacing the previous partial save
     as a whole: written to scores/.partial-new, then renamed (the old one moved aside first, removed last)."""
-    root = os.path.join(run_dir, SCORES_DIR)
-    new, final, old = (os.path.join(root, n) for n in (".partial-new", PARTIAL_DIR, PARTIAL_DIR + ".old"))
+    root = os.path.join(run_dir, runfiles.SCORES)
+    partial = runfiles.PARTIAL_SCORES
+    new, final, old = (os.path.join(root, n) for n in (".partial-new", partial, partial + ".old"))
     if rank == 0:
         shutil.rmtree(new, ignore_errors=True)
         os.makedirs(new)
@@ -148,8 +147,8 @@ def save_partial_scores(scores: LocalScores, run_dir: str, rank: int, world: int
 
 def load_partial_scores(run_dir: str, rank: int, world: int, device: torch.device) -> tuple[LocalScores, dict] | None:
     """This rank's partial scores and progress, if a partial save of a `world`-rank pass exists."""
-    for name in (PARTIAL_DIR, PARTIAL_DIR + ".old"):  # .old: a kill between the two renames of a save
-        path = os.path.join(run_dir, SCORES_DIR, name, _rank_file(rank, world))
+    for name in (runfiles.PARTIAL_SCORES, runfiles.PARTIAL_SCORES + ".old"):  # .old: killed between the renames
+        path = os.path.join(run_dir, runfiles.SCORES, name, _rank_file(rank, world))
         if os.path.isfile(path):
             scores = LocalScores()
             with safe_open(path, framework="pt") as f:
@@ -164,5 +163,5 @@ def load_partial_scores(run_dir: str, rank: int, world: int, device: torch.devic
 
 
 def remove_partial_scores(run_dir: str) -> None:
-    for name in (PARTIAL_DIR, PARTIAL_DIR + ".old", ".partial-new"):
-        shutil.rmtree(os.path.join(run_dir, SCORES_DIR, name), ignore_errors=True)
+    for name in (runfiles.PARTIAL_SCORES, runfiles.PARTIAL_SCORES + ".old", ".partial-new"):
+        shutil.rmtree(os.path.join(run_dir, runfiles.SCORES, name), ignore_errors=True)
