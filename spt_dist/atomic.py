@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
 
+from spt_dist.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
@@ -43,6 +45,17 @@ def write_text(path: str, text: str) -> None:
 
 def write_json(path: str, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_safetensors(path: str, what: str) -> dict:
+    """A safetensors file's tensors (plain tensors, nothing executed); a missing or corrupt file is one line that
+    names `what` asked for it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"{what}: cannot read '{path}' ({e})") from None
 
 
 def write_safetensors(path: str, tensors: dict, metadata: dict[str, str] | None = None) -> None:

@@ -27,10 +27,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
 from spt_dist import runfiles
-from spt_dist.atomic import write_json, write_safetensors
+from spt_dist.atomic import read_safetensors, write_json, write_safetensors
 from spt_dist.data.shards import read_json
 from spt_dist.engines.base import ADAM_STATE, Engine
 from spt_dist.errors import UserError
@@ -185,11 +184,7 @@ class Checkpoint:
         return int(self.state["step"])
 
     def _load(self, name: str) -> dict[str, torch.Tensor]:
-        path = os.path.join(self.directory, name)
-        try:
-            return load_file(path)  # safetensors: plain tensors, nothing executed
-        except (OSError, SafetensorError) as e:
-            raise UserError(f"--resume: cannot read '{path}' ({e})") from None
+        return read_safetensors(os.path.join(self.directory, name), "--resume")
 
     def trainable(self) -> dict[str, torch.Tensor]:
         return self._load(TRAINABLE)

@@ -288,3 +288,16 @@ def test_training_an_adapter_allocation_as_lora_stops_before_training(tiny_alloc
                      timeout=120)
     assert result.returncode == 2 and "holds adapter modules, method.name spt_lora trains lora" in result.stderr
     assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_corrupt_allocation_and_artifact_files_fail_with_one_line(tiny_allocation, tmp_path):
+    from spt_dist.errors import UserError
+    tiny_allocation.save(str(tmp_path / "alloc"))
+    (tmp_path / "alloc" / "allocation.safetensors").write_bytes(b"\x00not safetensors")
+    with pytest.raises(UserError, match="allocation: cannot read '.*allocation.safetensors'"):
+        spt_dist.Allocation.load(str(tmp_path / "alloc"))
+    peft = spt_dist.get_peft_model(create_model("vit_test_tiny_patch8_32", 4), tiny_allocation)
+    peft.save_pretrained(str(tmp_path / "art"))
+    (tmp_path / "art" / "peft_model.safetensors").write_bytes(b"\x00not safetensors")
+    with pytest.raises(UserError, match="artifact: cannot read '.*peft_model.safetensors'"):
+        spt_dist.PeftModel.from_pretrained(create_model("vit_test_tiny_patch8_32", 4), str(tmp_path / "art"))

@@ -19,10 +19,9 @@ import os
 import sys
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from spt_dist.atomic import write_json, write_safetensors
+from spt_dist.atomic import read_safetensors, write_json, write_safetensors
 from spt_dist.cli import command
 from spt_dist.data.shards import read_json
 from spt_dist.errors import UserError
@@ -46,7 +45,7 @@ def read_pretrained(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
     config_path, weights_path = os.path.join(directory, CONFIG_FILE), os.path.join(directory, WEIGHTS_FILE)
     if not os.path.isfile(config_path) or not os.path.isfile(weights_path):
         raise UserError(f"'{directory}' is not a PEFT artifact (it needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    return read_json(config_path), load_file(weights_path)
+    return read_json(config_path), read_safetensors(weights_path, "artifact")
 
 
 def load_pretrained(directory: str, model: nn.Module | None = None) -> nn.Module:

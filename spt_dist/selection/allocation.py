@@ -11,10 +11,9 @@ import os
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file
 
 from spt_dist import runfiles
-from spt_dist.atomic import write_safetensors, write_text
+from spt_dist.atomic import read_safetensors, write_safetensors, write_text
 
 from spt_dist.config import SelectionConfig
 from spt_dist.data.shards import read_json
@@ -49,7 +48,7 @@ class Allocation:
             if not os.path.isfile(os.path.join(directory, name)):
                 raise UserError(f"allocation: '{os.path.join(directory, name)}' does not exist")
         return cls(read_json(os.path.join(directory, runfiles.ALLOCATION_JSON)),
-                   load_file(os.path.join(directory, runfiles.ALLOCATION_INDICES)))
+                   read_safetensors(os.path.join(directory, runfiles.ALLOCATION_INDICES), "allocation"))
 
 
 def _score_of_key(key: int) -> float | None:
