@@ -33,7 +33,7 @@ from spt_dist.distributed import all_reduce_, broadcast_object, rank, world_size
 from spt_dist.engines import ENGINE_SETTINGS
 from spt_dist.errors import UserError
 from spt_dist.methods import get_method
-from spt_dist.peft.allocated import apply_allocation
+from spt_dist.peft.allocated import apply_allocation, record_base_fingerprint
 from spt_dist.peft.artifact import CONFIG_FILE, load_pretrained, save_pretrained
 from spt_dist.peft.baselines import apply_method, format_trainable_parameters, trainable_parameters
 from spt_dist.peft.tuned import SPARSE_MODES, Tuned
@@ -248,9 +248,10 @@ class PeftModel(nn.Module):
             method=self.method))
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, directory: str) -> "PeftModel":
-        """`model` (the base the artifact was trained from) with the artifact applied."""
-        model = load_pretrained(directory, model)
+    def from_pretrained(cls, model: nn.Module, directory: str, *, allow_other_base: bool = False) -> "PeftModel":
+        """`model` (the base the artifact was trained from) with the artifact applied. Other base weights than
+        the artifact's (its recorded fingerprint) are refused, untouched, unless `allow_other_base=True`."""
+        model = load_pretrained(directory, model, allow_other_base=allow_other_base)
         return cls(model, read_json(os.path.join(directory, CONFIG_FILE)).get("method", "peft"))
 
     def merge_and_unload(self) -> nn.Module:
@@ -295,4 +296,6 @@ def get_peft_model(model: nn.Module, how: Allocation | str | MethodConfig, *, sp
     if get_method(cfg.name).selects:
         raise UserError(f"get_peft_model: {cfg.name!r} trains an allocation: get_peft_model(model, "
                         "allocate(score(...), ...))")
-    return PeftModel(apply_method(model, cfg), cfg.name)
+    model = apply_method(model, cfg)
+    record_base_fingerprint(model)  # of the base while it is whole: save_pretrained writes it
+    return PeftModel(model, cfg.name)

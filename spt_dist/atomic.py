@@ -7,8 +7,10 @@ safetensors writer imports it lazily) so the shard tool can use it without payin
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
@@ -16,19 +18,59 @@ from typing import IO, Any
 from spt_dist.errors import UserError
 
 
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (another thread may be creating
+    files); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_error(path: str, e: OSError) -> UserError:
+    why = "no space left on the device (or quota exceeded)" if e.errno in _NO_SPACE else e.strerror or str(e)
+    return UserError(f"cannot write '{path}': {why}; nothing was changed there")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-    """Yields a temp path in the target's directory; on success it replaces `path`, on error it is removed."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix="-" + os.path.basename(path))
-    os.close(fd)
+    """Yields a temp path in the target's directory; on success it replaces `path`, on error it is removed.
+
+    The result has the mode an ordinary open() would give it (0666 less the umask: 0644 under umask 022),
+    whatever the writer did to the temp file (mkstemp makes it 0600; safetensors recreates it). A full disk
+    or quota (ENOSPC, EDQUOT) while writing, or any OSError creating, syncing or renaming the file, is a
+    UserError naming the file; the old file is left as it was."""
     try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
-        os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-",
+                                   suffix="-" + os.path.basename(path))
+        os.close(fd)
+    except OSError as e:
+        raise _write_error(path, e) from None
+    try:
+        try:
+            yield tmp
+        except OSError as e:
+            if e.errno in _NO_SPACE:
+                raise _write_error(path, e) from None
+            raise  # something else the writer did (e.g. reading its input): not about this file
+        try:
+            os.chmod(tmp, 0o666 & ~_umask())
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
+            os.replace(tmp, path)
+        except OSError as e:
+            raise _write_error(path, e) from None
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
 
 
@@ -59,6 +101,13 @@ def read_safetensors(path: str, what: str) -> dict:
 
 
 def write_safetensors(path: str, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata)
+        except SafetensorError as e:  # its I/O errors end "(os error N)": about this file
+            code = re.search(r"\(os error (\d+)\)", str(e))
+            if not code:
+                raise
+            raise _write_error(path, OSError(int(code.group(1)), os.strerror(int(code.group(1))))) from None

@@ -3,19 +3,29 @@
     checkpoints/step_00000040/
       trainable.safetensors    every trainable parameter, full fp32: the same on any world size and engine
       optimizer.safetensors    AdamW's '<parameter>/exp_avg' and '<parameter>/exp_avg_sq', full fp32
-      state.json               step, optimizer step count, schedule, world size, engine, the run's config
+      shard_00000.safetensors  (sharded format, instead of the two above) per rank: its own flat shard of each
+                               trainable parameter and of its AdamW state, with where the shard lies
+      state.json               step, optimizer step count, schedule, world size, the run's config, and the
+                               SHA-256 of every other file: written last
       rank_00000.safetensors   per rank: its RNG states and its data stream's position (metadata, JSON)
       allocation.json, allocation.safetensors    the allocation being trained (PEFT methods), never recomputed
 
 Every rank writes into `checkpoints/.partial-step_N/`; once all have written, rank 0 renames it to `step_N/`.
 So a directory named step_N is complete, and a run killed while saving leaves only a .partial directory,
 which `--resume` ignores (and the next save replaces). Older complete checkpoints beyond `keep_last` are
-removed after the rename, never before.
+removed after the rename, never before. A complete checkpoint whose files do not match their checksums
+(a flipped byte, a truncated copy) is skipped by `--resume` with a warning, for the one before it.
+
+The sharded format keeps a full fine-tuning run at ViT-g from gathering every fp32 tensor and its AdamW state on
+every rank (about 12 GB each): each rank writes what it holds. Loading assembles full tensors from all shards,
+so a sharded checkpoint resumes on any world size and engine, as a consolidated one does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -30,6 +40,7 @@ from safetensors import SafetensorError, safe_open
 
 from spt_dist import runfiles
 from spt_dist.atomic import read_safetensors, write_json, write_safetensors
+from spt_dist.distributed import gather_to_main
 from spt_dist.data.shards import read_json
 from spt_dist.engines.base import ADAM_STATE, Engine
 from spt_dist.errors import UserError
@@ -37,10 +48,17 @@ from spt_dist.errors import UserError
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_SHARD_ABOVE_BYTES = 1 << 30  # output.checkpoint_format=auto
+# What state.json must hold for a resume to use it.
+_STATE_KEYS = ("step", "optimizer_steps", "world_size", "samples_seen", "scheduler", "config")
 
 
 def rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.safetensors"
+
+
+def shard_file(rank: int) -> str:
+    return f"shard_{rank:05d}.safetensors"
 
 
 # --------------------------------------------------------------------------- per-rank state: RNG and data
@@ -70,11 +88,34 @@ def restore_rng(tensors: dict[str, torch.Tensor], states: dict) -> None:
 # --------------------------------------------------------------------------- saving
 
 
+def file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write(directory: str, name: str, tensors: dict, metadata: dict | None = None) -> dict[str, str]:
+    path = os.path.join(directory, name)
+    write_safetensors(path, tensors, metadata)
+    return {name: file_digest(path)}
+
+
+def use_sharded(fmt: str, engine: Engine, world_size: int) -> bool:
+    """output.checkpoint_format: `auto` shards once the trainable weights and AdamW state pass 1 GiB on 2+ ranks."""
+    if fmt != "auto":
+        return fmt == "sharded"
+    trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)  # global numel (DTensor too)
+    return world_size > 1 and trainable * 4 * (1 + len(ADAM_STATE)) > _SHARD_ABOVE_BYTES
+
+
 def save_checkpoint(run_dir: str, step: int, *, engine: Engine, state: dict, rank_state: dict, rank: int,
-                    files: dict[str, bytes] | None = None, keep_last: int = 0) -> str:
+                    files: dict[str, bytes] | None = None, keep_last: int = 0, sharded: bool = False) -> str:
     """Collective. `state`: JSON for state.json (rank 0's is written); `rank_state`: this rank's JSON (data
-    position...), saved with its RNG states; `files`: more files by name (the allocation). Returns the
-    checkpoint directory."""
+    position...), saved with its RNG states; `files`: more files by name (the allocation); `sharded`: each rank
+    writes its own shards of the trainable state instead of rank 0 writing it whole. Returns the checkpoint
+    directory."""
     root = os.path.join(run_dir, runfiles.CHECKPOINTS)
     final = os.path.join(root, f"step_{step:08d}")
     partial = os.path.join(root, f".partial-step_{step:08d}")
@@ -83,21 +124,31 @@ def save_checkpoint(run_dir: str, step: int, *, engine: Engine, state: dict, ran
         os.makedirs(partial)
     dist.barrier()
 
-    params = engine.full_state_dict(trainable_only=True)  # collective
-    optimizer, optimizer_steps = engine.optimizer_state()  # collective
+    written: dict[str, str] = {}  # file name -> SHA-256, of what this rank wrote
+    if sharded:
+        shards, layout, optimizer_steps = engine.local_state()
+        written.update(_write(partial, shard_file(rank), shards, {"layout": json.dumps(layout)}))
+    else:
+        params = engine.full_state_dict(trainable_only=True)  # collective
+        optimizer, optimizer_steps = engine.optimizer_state()  # collective
+        if rank == 0:
+            written.update(_write(partial, TRAINABLE, params))
+            written.update(_write(partial, OPTIMIZER, {f"{name}/{key}": t for name, keys in optimizer.items()
+                                                       for key, t in keys.items()}))
     rng, rng_states = capture_rng()
-    write_safetensors(os.path.join(partial, rank_file(rank)), rng,
-                      {"rng": json.dumps(rng_states), "state": json.dumps(rank_state)})
+    written.update(_write(partial, rank_file(rank), rng,
+                          {"rng": json.dumps(rng_states), "state": json.dumps(rank_state)}))
     if rank == 0:
-        write_safetensors(os.path.join(partial, TRAINABLE), params)
-        write_safetensors(os.path.join(partial, OPTIMIZER),
-                          {f"{name}/{key}": t for name, keys in optimizer.items() for key, t in keys.items()})
         for name, content in (files or {}).items():
             with open(os.path.join(partial, name), "wb") as f:  # inside the partial directory: atomic with it
                 f.write(content)
-        write_json(os.path.join(partial, runfiles.STATE_JSON), dict(state, step=step, optimizer_steps=optimizer_steps))
-    dist.barrier()  # every rank's file is in place
+            written[name] = hashlib.sha256(content).hexdigest()
+    every_rank = gather_to_main((written, optimizer_steps))  # collective: every rank's files are in place
     if rank == 0:
+        digests = {name: d for rank_written, _ in every_rank for name, d in rank_written.items()}
+        write_json(os.path.join(partial, runfiles.STATE_JSON),
+                   dict(state, step=step, optimizer_steps=max(s for _, s in every_rank),
+                        format="sharded" if sharded else "consolidated", files=dict(sorted(digests.items()))))
         if os.path.isdir(final):  # the same step saved again (a resumed run's final save): replace it whole
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -109,12 +160,12 @@ def save_checkpoint(run_dir: str, step: int, *, engine: Engine, state: dict, ran
 class CheckpointManager:
     """When a training run saves and what it last saved: every `every` steps, every `every_min` minutes (rank
     0's clock; the trainer makes every rank agree), on a stop signal and at the end; `keep_last` kept.
-    `files`: more files every checkpoint carries (the allocation being trained)."""
+    `files`: more files every checkpoint carries (the allocation being trained); `sharded`: the format."""
 
     def __init__(self, run_dir: str, rank: int, *, every: int, every_min: float, keep_last: int,
-                 files: dict[str, bytes], saved_step: int | None = None) -> None:
+                 files: dict[str, bytes], saved_step: int | None = None, sharded: bool = False) -> None:
         self.run_dir, self.rank, self.every, self.every_min = run_dir, rank, every, every_min
-        self.keep_last, self.files = keep_last, files
+        self.keep_last, self.files, self.sharded = keep_last, files, sharded
         self.saved_step = saved_step  # the step the newest checkpoint of this run holds (a resume's own)
         self.last: str | None = None  # the newest checkpoint this process wrote
         self._saved_at = time.monotonic()
@@ -128,7 +179,8 @@ class CheckpointManager:
     def save(self, step: int, engine: Engine, state: dict, rank_state: dict) -> str:
         """Collective: see save_checkpoint."""
         self.last = save_checkpoint(self.run_dir, step, engine=engine, state=state, rank=self.rank,
-                                    rank_state=rank_state, files=self.files, keep_last=self.keep_last)
+                                    rank_state=rank_state, files=self.files, keep_last=self.keep_last,
+                                    sharded=self.sharded)
         self.saved_step, self._saved_at = step, time.monotonic()
         return self.last
 
@@ -151,19 +203,38 @@ def complete_steps(root: str) -> list[int]:
     return sorted(s for s in steps if os.path.isfile(os.path.join(root, f"step_{s:08d}", runfiles.STATE_JSON)))
 
 
-def find_checkpoint(resume: str, run_dir: str | None) -> str | None:
-    """`--resume latest`: the newest complete checkpoint of `run_dir`, or None (a first start). `--resume PATH`:
-    a checkpoint directory, or a run directory (its newest checkpoint, which must exist)."""
+def find_checkpoint(resume: str, run_dir: str | None) -> tuple[str | None, list[str]]:
+    """(checkpoint, warnings). `--resume latest`: the newest intact checkpoint of `run_dir`, or None (a first
+    start). `--resume PATH`: that checkpoint directory (which must be intact), or a run directory's newest intact
+    checkpoint. A complete checkpoint that fails its checksums is skipped for the one before it; `warnings` says
+    which were skipped and why."""
     if resume == "latest":
-        steps = complete_steps(os.path.join(run_dir, runfiles.CHECKPOINTS))
-        return os.path.join(run_dir, runfiles.CHECKPOINTS, f"step_{steps[-1]:08d}") if steps else None
+        root = os.path.join(run_dir, runfiles.CHECKPOINTS)
+        return _newest_intact(root) if complete_steps(root) else (None, [])
     path = os.path.abspath(resume)
     if os.path.isfile(os.path.join(path, runfiles.STATE_JSON)):
-        return path
-    steps = complete_steps(os.path.join(path, runfiles.CHECKPOINTS))
-    if not steps:
+        problem = Checkpoint.read(path).problem()
+        if problem:
+            raise UserError(f"--resume: the checkpoint {path} is damaged: {problem}")
+        return path, []
+    root = os.path.join(path, runfiles.CHECKPOINTS)
+    if not complete_steps(root):
         raise UserError(f"--resume: '{resume}' is neither a checkpoint nor a run directory with a complete one")
-    return os.path.join(path, runfiles.CHECKPOINTS, f"step_{steps[-1]:08d}")
+    return _newest_intact(root)
+
+
+def _newest_intact(root: str) -> tuple[str, list[str]]:
+    warnings = []
+    for step in reversed(complete_steps(root)):
+        directory = os.path.join(root, f"step_{step:08d}")
+        try:
+            problem = Checkpoint.read(directory).problem()
+        except UserError as e:
+            problem = str(e)
+        if not problem:
+            return directory, warnings
+        warnings.append(f"skipped the damaged checkpoint {directory}: {problem}")
+    raise UserError(f"--resume: no intact checkpoint in {root}; newest: {warnings[0].split(': ', 1)[1]}")
 
 
 def run_dir_of(checkpoint: str) -> str:
@@ -177,19 +248,48 @@ class Checkpoint:
 
     @classmethod
     def read(cls, directory: str) -> "Checkpoint":
-        return cls(directory, read_json(os.path.join(directory, runfiles.STATE_JSON)))
+        path = os.path.join(directory, runfiles.STATE_JSON)
+        state = read_json(path)
+        if not isinstance(state, dict):
+            raise UserError(f"--resume: '{path}' is not a checkpoint's state (a JSON object)")
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise UserError(f"--resume: '{path}' lacks '{missing[0]}'")
+        return cls(directory, state)
 
     @property
     def step(self) -> int:
         return int(self.state["step"])
 
+    def problem(self) -> str | None:
+        """What is wrong with the files state.json lists, or None. (Checkpoints written before checksums were
+        kept list nothing: there is nothing to check.)"""
+        files = self.state.get("files", {})
+        if not isinstance(files, dict):
+            return "state.json's 'files' is not a table of checksums"
+        for name, digest in files.items():
+            path = os.path.join(self.directory, name)
+            if os.path.dirname(name) or not os.path.isfile(path):
+                return f"{name} is missing"
+            if file_digest(path) != digest:
+                return f"{name} does not match its checksum"
+        return None
+
+    @property
+    def sharded(self) -> bool:
+        return self.state.get("format") == "sharded"
+
     def _load(self, name: str) -> dict[str, torch.Tensor]:
         return read_safetensors(os.path.join(self.directory, name), "--resume")
 
     def trainable(self) -> dict[str, torch.Tensor]:
+        if self.sharded:
+            return {name: parts["param"] for name, parts in self._assemble(("param",)).items()}
         return self._load(TRAINABLE)
 
     def optimizer(self) -> dict[str, dict[str, torch.Tensor]]:
+        if self.sharded:
+            return self._assemble(ADAM_STATE)
         flat, out = self._load(OPTIMIZER), {}
         for key, tensor in flat.items():
             name, _, part = key.rpartition("/")
@@ -199,6 +299,35 @@ class Checkpoint:
                 raise UserError(f"--resume: '{self.directory}/{OPTIMIZER}': {name} has {sorted(parts)}")
         return out
 
+    def _assemble(self, keys: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+        """Full tensors `name -> {key: tensor}` from every rank's shard file (sharded format). A key no shard holds
+        (AdamW state before the first step) is left out; a tensor the shards do not cover exactly is an error."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        covered: dict[tuple[str, str], int] = {}
+        shapes: dict[str, list[int]] = {}
+        for rank in range(int(self.state["world_size"])):
+            path = os.path.join(self.directory, shard_file(rank))
+            try:
+                with safe_open(path, "pt") as f:
+                    layout, present = json.loads(f.metadata()["layout"]), set(f.keys())
+                    for name, (offset, shape) in layout.items():
+                        shapes[name] = shape
+                        for key in keys:
+                            if f"{name}/{key}" not in present:
+                                continue
+                            piece = f.get_tensor(f"{name}/{key}")
+                            full = out.setdefault(name, {}).setdefault(key, torch.zeros(math.prod(shape)))
+                            full[offset:offset + piece.numel()] = piece
+                            covered[name, key] = covered.get((name, key), 0) + piece.numel()
+            except (OSError, SafetensorError, KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise UserError(f"--resume: cannot read '{path}' ({e})") from None
+        for (name, key), count in covered.items():
+            if count != math.prod(shapes[name]):
+                raise UserError(f"--resume: the shards in {self.directory} cover {count} of the "
+                                f"{math.prod(shapes[name])} entries of {name}/{key}")
+        return {name: {key: t.view(shapes[name]) for key, t in parts.items()} for name, parts in out.items()
+                if len(parts) == len(keys)}
+
     def rank_state(self, rank: int) -> tuple[dict[str, torch.Tensor], dict, dict]:
         """(RNG tensors, RNG JSON, rank state JSON) that `rank` saved."""
         path = os.path.join(self.directory, rank_file(rank))
@@ -206,6 +335,6 @@ class Checkpoint:
             with safe_open(path, "pt") as f:
                 meta = f.metadata()
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (OSError, SafetensorError) as e:
+            return tensors, json.loads(meta["rng"]), json.loads(meta["state"])
+        except (OSError, SafetensorError, KeyError, TypeError, ValueError) as e:
             raise UserError(f"--resume: cannot read '{path}' ({e})") from None
-        return tensors, json.loads(meta["rng"]), json.loads(meta["state"])

@@ -15,8 +15,9 @@ TRAIN_MODULE = "spt_dist.train"
 TRAIN_STAGES = ("train", "score", "allocate", "select")
 
 
-def print_user_error(error: UserError) -> None:
-    print(f"spt_dist: error: {error}", file=sys.stderr, flush=True)
+def print_user_error(error: UserError, rank: int = 0) -> None:
+    """`rank`: a rank other than 0 names itself (the error is its own, the others did not meet it)."""
+    print(f"spt_dist: error: {f'rank {rank}: ' if rank else ''}{error}", file=sys.stderr, flush=True)
 
 
 def command(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:

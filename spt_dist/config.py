@@ -55,6 +55,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     augment: bool = False  # timm's training augmentation (random resized crop, flip); off: resize only
     crop_pct: float = 1.0
+    # Largest tar member read (MB): larger or sparse members (a crafted header may declare any size) are refused
+    # unread and their samples counted as bad_image.
+    max_member_mb: float = 64.0
     # The benchmark task (spt_dist/data/benchmarks.py: vtab/cifar100, ..., fgvc/cub, ...): its shards are read
     # from <root>/<suite>/<task>/ unless train_shards/eval_shards are given, GPS takes its K, and the report
     # puts the run in its column of the papers' results table. Free text for other data sets.
@@ -87,6 +90,8 @@ class DataConfig:
         _check(self.num_classes is None or self.num_classes >= 2, "data.num_classes", self.num_classes, "must be >= 2")
         _check(self.train_samples is None or self.train_samples > 0, "data.train_samples", self.train_samples, "must be > 0")
         _check(0.0 < self.crop_pct <= 1.0, "data.crop_pct", self.crop_pct, "must be in (0, 1]")
+        _check(math.isfinite(self.max_member_mb) and self.max_member_mb > 0, "data.max_member_mb", self.max_member_mb,
+               "must be a positive number of MB")
 
 
 @dataclass
@@ -223,7 +228,7 @@ class EngineConfig:
 
     def validate(self) -> None:
         _check(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
-        _check(self.timeout_s > 0, "engine.timeout_s", self.timeout_s, "must be > 0")
+        _check(0 < self.timeout_s <= 365 * 86400, "engine.timeout_s", self.timeout_s, "must be > 0 and at most a year")
 
 
 @dataclass
@@ -235,11 +240,16 @@ class OutputConfig:
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: only at the end (and on preemption)
     checkpoint_every_min: float = 0.0  # also every so many minutes; 0: off
     keep_last: int = 3  # complete checkpoints kept (older ones removed after a newer is complete); 0: all
+    # sharded: each rank saves its own shard of the trainable weights and AdamW state (nothing gathered);
+    # consolidated: full tensors in one file (rank 0); auto: sharded when that state passes 1 GiB on 2+ ranks.
+    checkpoint_format: Literal["auto", "consolidated", "sharded"] = "auto"
     log_samples: bool = False  # write each step's sample keys per rank to samples/rank_RRRRR.txt (data audits)
     progress: bool = True
     peak_tflops: float | None = None  # a device's peak TFLOP/s for MFU; None: known GPUs by name (none on CPU)
 
     def validate(self) -> None:
+        _check(self.name is None or _inside(self.name), "output.name", self.name,
+               "must be a relative path that stays inside output.dir (no '..' out of it, not absolute, not empty)")
         _check(self.peak_tflops is None or self.peak_tflops > 0, "output.peak_tflops", self.peak_tflops, "must be > 0")
         _check(self.log_every > 0, "output.log_every", self.log_every, "must be > 0")
         _check(self.eval_every > 0, "output.eval_every", self.eval_every, "must be > 0")
@@ -300,6 +310,13 @@ def per_rank_batch_size(cfg: Config, world_size: int) -> int:
     return total // shares
 
 
+def _inside(name: str) -> bool:
+    """A run name that is a directory strictly below output.dir: relative, no NUL, not '.' or '..'-escaping."""
+    normal = os.path.normpath(name) if name and "\0" not in name else ""
+    return bool(normal) and not os.path.isabs(name) and normal != "." and normal != ".." \
+        and not normal.startswith(".." + os.sep)
+
+
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
         raise UserError(f"{key}: {why} (got {value!r})")
@@ -317,18 +334,35 @@ def load_config(paths: str | list[str] | tuple[str, ...] | None = None,
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise UserError(f"override '{item}': expected key=value, e.g. optim.lr=3e-4")
-        _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else None)
+        _set_dotted(raw, key.strip(), _parse_value(key.strip(), text) if text.strip() else None)
     cfg = _build(Config, raw, prefix="")
     cfg.validate()
     return cfg
 
 
+def _parse_value(key: str, text: str) -> Any:
+    """An override's value as YAML (safe: plain values, lists, mappings; no tags that build objects)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        why = " ".join(str(getattr(e, "problem", None) or "not valid YAML").split())
+        raise UserError(f"{key}: cannot read the value {text!r} ({why})") from None
+    except RecursionError:
+        raise UserError(f"{key}: cannot read the value: nested too deeply") from None
+
+
 def _read_yaml(path: str) -> dict[str, Any]:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f) or {}
     except (FileNotFoundError, IsADirectoryError):
         raise UserError(f"--config: no such file '{path}'") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--config: '{path}' is not a text file (YAML in UTF-8)") from None
+    except OSError as e:
+        raise UserError(f"--config: cannot read '{path}' ({e.strerror})") from None
+    except RecursionError:
+        raise UserError(f"--config: '{path}' is nested too deeply") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -376,7 +410,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise UserError(f"{where}: expected a section (mapping), got {type(raw).__name__} {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)  # a YAML key may be a number or null
     if unknown:
         raise UserError(f"{prefix}{unknown[0]}: unknown key (known in {where}: {', '.join(fields)})")
     values = {}
@@ -387,6 +421,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         else:
             values[name] = _coerce(value, hint, f"{prefix}{name}")
     return cls(**values)
+
+
+_INT_LIMIT = 2**63  # integers past int64 overflow torch, timedelta and the checkpoint files
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -405,14 +442,19 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise UserError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint in (int, float) and isinstance(value, int) and not isinstance(value, bool) and \
+            not -_INT_LIMIT <= value < _INT_LIMIT:
+        raise UserError(f"{key}: {value} is too large (the limit is {_INT_LIMIT - 1}, a 64-bit integer)")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
         # PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string, not a float.
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             raise UserError(f"{key}: expected a number, got {value!r}") from None
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{key}: expected a finite number, got {value!r}")
     if hint is bool and not isinstance(value, bool):
         raise UserError(f"{key}: expected true or false, got {value!r}")
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):

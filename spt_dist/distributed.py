@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -122,3 +123,60 @@ def all_gather_float(value: float) -> list[float]:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
+
+
+# --------------------------------------------------------------------------- a user error on some ranks only
+
+_ERROR_KEY = "spt_dist/error/{}"
+
+
+def _default_store():
+    if not dist.is_initialized():
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def should_say_error(message: str, wait_s: float = 2.0) -> bool:
+    """After a user error on this rank: whether this rank should print it. Posts it in the job's store, so that
+    ranks whose collectives then fail can tell why (`error_of_another_rank`). Rank 0 always says its own; another
+    rank says its own unless rank 0 posts the same message within `wait_s` (every rank met the same mistake:
+    one line). Without a process group every rank holds the same config, so rank 0 speaks for all."""
+    store = _default_store()
+    if store is None:
+        return int(os.environ.get("RANK", "0")) == 0
+    me = rank()
+    try:
+        store.set(_ERROR_KEY.format(me), message)
+        if me == 0:
+            return True
+        key, deadline = _ERROR_KEY.format(0), time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if store.check([key]):
+                return store.get(key).decode() != message
+            time.sleep(0.05)
+    except (RuntimeError, ValueError):  # the store went with its host: say it here
+        pass
+    return True
+
+
+def error_of_another_rank(wait_s: float = 5.0) -> tuple[int, str] | None:
+    """(rank, message) of a user error another rank posted (see should_say_error), waiting up to `wait_s` for one
+    to appear; None if none did. For a rank whose collective failed because a peer stopped on that error."""
+    store, me = _default_store(), rank()
+    if store is None:
+        return None
+    keys = {r: _ERROR_KEY.format(r) for r in range(world_size()) if r != me}
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            for r, key in keys.items():
+                if store.check([key]):
+                    return r, store.get(key).decode()
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+    except (RuntimeError, ValueError):
+        return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from spt_dist.distributed import all_reduce_sum
@@ -9,20 +11,30 @@ from spt_dist.engines.base import Engine
 
 
 class Evaluator:
-    def __init__(self, engine: Engine, stream, input_size: tuple[int, int], device: torch.device) -> None:
-        self.engine, self.stream, self.device = engine, stream, device
+    """`stop`: whether this rank was asked to stop (a signal); checked with every batch, so that an evaluation
+    longer than a launcher's grace period does not cost the run everything since its last checkpoint."""
+
+    def __init__(self, engine: Engine, stream, input_size: tuple[int, int], device: torch.device,
+                 stop: Callable[[], bool] = lambda: False) -> None:
+        self.engine, self.stream, self.device, self.stop = engine, stream, device, stop
         self._placeholder = torch.zeros(1, 3, *input_size)
 
     @torch.no_grad()
-    def __call__(self) -> dict[str, float]:
-        """Ranks step in lockstep: one whose shards are exhausted runs a throwaway forward while others still
+    def __call__(self) -> dict[str, float] | None:
+        """Top-1 and the sample count, or None when a rank was asked to stop (every rank gives up together).
+
+        Ranks step in lockstep: one whose shards are exhausted runs a throwaway forward while others still
         have batches, because under ZeRO-3/FSDP every forward is a collective (parameter all-gathers)."""
         self.engine.eval()
         correct = seen = 0.0
         batches = iter(self.stream)
         while True:
             batch = next(batches, None)
-            anyone_has_batch, = all_reduce_sum([float(batch is not None)])
+            anyone_has_batch, stopping = all_reduce_sum([float(batch is not None), float(self.stop())])
+            if stopping:
+                batches.close()  # the stream's workers stop now
+                self.engine.train()
+                return None
             if not anyone_has_batch:
                 break
             images = self._placeholder if batch is None else batch["images"]

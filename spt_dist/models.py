@@ -84,14 +84,30 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def load_backbone(model: VisionTransformer, path: str) -> None:
-    """Loads backbone weights; the head is kept from the checkpoint only if its shape matches."""
-    state = checkpoint_filter_fn(read_state_dict(path), model)  # timm's conversions: pos_embed resize etc.
+    """Loads backbone weights; the head is kept from the checkpoint only if its shape matches. A file that does
+    not fit (missing, unexpected or differently shaped tensors) is one line naming the first offending key."""
+    where = f"model.checkpoint: '{path}' does not fit {type(model).__name__}"
+    raw = read_state_dict(path)
+    try:
+        state = checkpoint_filter_fn(dict(raw), model)  # timm's conversions: pos_embed resize etc.
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AssertionError) as e:
+        raise UserError(f"{where}: timm cannot convert it ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]})") from None
     own = model.state_dict()
     for key in [k for k in state if k.startswith("head.")]:
         if key not in own or state[key].shape != own[key].shape:
             del state[key]  # a head for another label set: keep the freshly initialised one
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("head.")]
-    if missing or unexpected:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise UserError(f"model.checkpoint: '{path}' does not fit {type(model).__name__}: {what}")
+    missing = [k for k in own if k not in state and not k.startswith("head.")]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing:
+        raise UserError(f"{where}: missing '{missing[0]}' (expected shape {list(own[missing[0]].shape)})"
+                        + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if unexpected:
+        raise UserError(f"{where}: unexpected '{unexpected[0]}' (shape {list(state[unexpected[0]].shape)})"
+                        + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
+    if wrong:
+        found = raw[wrong[0]] if wrong[0] in raw else state[wrong[0]]  # the file's shape, not timm's conversion
+        raise UserError(f"{where}: '{wrong[0]}' has shape {list(found.shape)}, expected "
+                        f"{list(own[wrong[0]].shape)}" + (f" ({len(wrong) - 1} more differ)" if len(wrong) > 1 else ""))
+    model.load_state_dict(state, strict=False)

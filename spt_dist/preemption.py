@@ -1,40 +1,122 @@
-"""Preemption: SIGTERM (a scheduler's kill, forwarded by torchrun) or SIGUSR1 (Slurm's `--signal`) asks the run
-to stop. The handler only sets a flag; the trainer reads it at the next step boundary, all ranks together (one
-of them may have been signalled first), saves a checkpoint and exits cleanly."""
+"""Preemption: SIGTERM (a scheduler's kill, forwarded by torchrun and DeepSpeed's launcher), SIGUSR1 (Slurm's
+`--signal`) or SIGINT (Ctrl-C) asks the run to stop. The handler only sets a flag; the trainer reads it at the next
+step boundary and during evaluation, the score pass after each batch, all ranks together (one of them may have
+been signalled first); they save and exit cleanly.
+
+The handlers are installed once per process, as early as the entry point can (`install()`), so a signal during
+start-up is kept too and ends the run at its first step boundary instead of killing it half-built.
+
+A launcher can also vanish without a signal reaching the ranks: the single-node `deepspeed` command, killed,
+leaves its launch process orphaned and the ranks training on. A rank started by a launcher therefore also
+stops when its launcher (or the `deepspeed` command above DeepSpeed's launch process) is gone. Torch-free.
+"""
 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import threading
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_DEEPSPEED_LAUNCH = "deepspeed.launcher.launch"
+
+
+def _parent_of(pid: int) -> int | None:
+    """The parent pid of `pid` from /proc (None where /proc is not there or the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])  # fields after the name: state, ppid, ...
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class _LauncherWatch:
+    """Notices that the launcher above this rank is gone: its parent (torchrun, DeepSpeed's launch process,
+    slurmstepd) changed, or, under DeepSpeed's launch process, that process's own parent (the `deepspeed`
+    command) changed. Only for ranks a launcher started (LOCAL_RANK set): a plain run may outlive its shell."""
+
+    def __init__(self) -> None:
+        self.watched: list[tuple[int, int]] = []  # (pid, its parent when we started)
+        if "LOCAL_RANK" not in os.environ or not os.path.isdir("/proc"):
+            return
+        me, parent = os.getpid(), os.getppid()
+        self.watched.append((me, parent))
+        grandparent = _parent_of(parent)
+        if grandparent and grandparent > 1 and _DEEPSPEED_LAUNCH in _cmdline(parent):
+            self.watched.append((parent, grandparent))
+
+    def gone(self) -> str | None:
+        for pid, parent in self.watched:
+            if _parent_of(pid) != parent:
+                return f"the exit of its launcher (pid {parent})"
+        return None
+
+
+class _Flag:
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self.previous: dict = {}
+        self.watch: _LauncherWatch | None = None
+
+    def handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.received = signal.Signals(signum).name
+
+
+_FLAG = _Flag()
+
+
+def install() -> None:
+    """Catch the stop signals in this process from now on (idempotent; only the main thread may)."""
+    if _FLAG.previous or threading.current_thread() is not threading.main_thread():
+        return
+    for sig in SIGNALS:
+        _FLAG.previous[sig] = signal.signal(sig, _FLAG.handle)
+    _FLAG.watch = _LauncherWatch()
+
+
+def uninstall() -> None:
+    """Restore the previous handlers and forget what was received (a library user's next run starts afresh)."""
+    for sig, handler in _FLAG.previous.items():
+        signal.signal(sig, handler)
+    _FLAG.previous, _FLAG.watch, _FLAG.received = {}, None, None
 
 
 class Preemption:
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
-            for sig in SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+    """A stage's view of the stop flag. Installs the handlers if the entry point has not (a library user's
+    loop); `close()` then restores the previous ones. `received`: what asked to stop, once something has."""
 
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        self.received = signal.Signals(signum).name
+    def __init__(self) -> None:
+        self._owner = not _FLAG.previous
+        install()
+
+    @property
+    def received(self) -> str | None:
+        if _FLAG.received is None and _FLAG.watch is not None:
+            _FLAG.received = _FLAG.watch.gone()
+        return _FLAG.received
 
     @property
     def requested(self) -> bool:
         return self.received is not None
 
     def close(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
+        if self._owner:
+            uninstall()
+            self._owner = False
 
 
 def resume_hint(run_dir: str) -> str:
     """How to continue: the same command with --resume, or under Slurm a requeue of this job."""
-    lines = [f"resume: run the same command again with --resume {run_dir}"]
+    lines = [f"resume: run the same command again with --resume {shlex.quote(run_dir)}"]
     if os.environ.get("SLURM_JOB_ID"):
         lines.append(f"        or requeue this job: scontrol requeue {os.environ['SLURM_JOB_ID']} "
                      "(its command must carry --resume latest)")

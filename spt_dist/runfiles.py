@@ -3,6 +3,7 @@ launcher, sweeps and reports read run directories too."""
 
 from __future__ import annotations
 
+LOCK = ".lock"  # held by the job working in the run directory (rundir.lock_run_dir); names it
 CONFIG = "config.yaml"  # the training run's resolved config; a stage run alone writes config-<stage>.yaml
 METRICS = "metrics.json"  # written last by a finished training run: its presence means finished
 MODEL = "model.safetensors"  # the final weights: every parameter (baselines) or the merged PEFT model

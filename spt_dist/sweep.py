@@ -123,10 +123,12 @@ def load_sweep(path: str, output_dir: str | None = None) -> Sweep:
     """Reads a sweep file and expands it into runs; every run's config is loaded and validated here, so a
     mistake in any grid point stops the sweep before anything runs (one line naming the point)."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             spec = yaml.safe_load(f) or {}
     except (FileNotFoundError, IsADirectoryError):
         raise UserError(f"sweep: no such file '{path}'") from None
+    except UnicodeDecodeError:
+        raise UserError(f"sweep: '{path}' is not a text file (YAML in UTF-8)") from None
     except yaml.YAMLError:
         raise UserError(f"sweep: '{path}' is not valid YAML") from None
     if not isinstance(spec, dict):
@@ -343,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{failed} run(s) failed", file=sys.stderr)
         return 1
     if not args.dry_run and not args.slurm:
-        print(f"report: spt-report {sweep.directory}")
+        print(f"report: spt-report {shlex.quote(sweep.directory)}")
     return 0
 
 

@@ -10,9 +10,8 @@ import argparse
 import os
 import sys
 
+from spt_dist import preemption
 from spt_dist.cli import TRAIN_STAGES, print_user_error
-from spt_dist.config import load_config
-from spt_dist.distributed import init_distributed, shutdown_distributed
 from spt_dist.errors import Stopped, UserError
 
 
@@ -35,8 +34,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    preemption.install()  # first: a stop signal during start-up stops the run at its first step, saved
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))
+    from spt_dist.config import load_config
+    from spt_dist.distributed import (error_of_another_rank, init_distributed, should_say_error,
+                                      shutdown_distributed)
     try:
         cfg = load_config(args.config, args.overrides)  # before any process group: fails fast on every rank
         dist_info = init_distributed(cfg.engine.timeout_s)
@@ -54,9 +57,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"spt_dist: {e}", flush=True)
         return 0
     except UserError as e:
+        if should_say_error(str(e)):  # said once, by the rank that met it (rank 0 when all did)
+            print_user_error(e, rank=rank)
         shutdown_distributed(wait=False)
-        if rank == 0:  # every rank hits the same mistake; say it once
-            print_user_error(e)
+        return 2
+    except Exception:
+        # A collective fails when a peer has exited: if it left a user error behind, that rank has said it.
+        if error_of_another_rank() is None:
+            raise
+        shutdown_distributed(wait=False)
         return 2
     return 0
 

@@ -8,8 +8,10 @@ from the sample count), so no rank waits in a collective another never reaches.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import shlex
 import time
 
 import torch
@@ -17,9 +19,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from spt_dist import runfiles
-from spt_dist.atomic import write_json, write_text
-from spt_dist.checkpoint import Checkpoint, CheckpointManager, restore_rng
-from spt_dist.config import Config, get_dotted
+from spt_dist.atomic import write_json
+from spt_dist.checkpoint import Checkpoint, CheckpointManager, restore_rng, use_sharded
+from spt_dist.config import Config, SelectionConfig, get_dotted
 from spt_dist.data.dataset import resolve_dataset
 from spt_dist.data.loader import FAULT_KINDS, EvalStream, TrainStream, require_shards
 from spt_dist.data.transforms import build_transforms
@@ -37,6 +39,7 @@ from spt_dist.peft.allocated import apply_allocation, read_allocation
 from spt_dist.peft.baselines import apply_method, format_trainable_parameters, trainable_parameters
 from spt_dist.preemption import Preemption, resume_hint
 from spt_dist.run_settings import RunSettings
+from spt_dist.sample_log import SampleLog
 from spt_dist.rundir import open_run
 from spt_dist.selection.stage import run_selection
 
@@ -44,6 +47,10 @@ from spt_dist.selection.stage import run_selection
 # tensors mean (shapes are checked separately). Everything else may change, e.g. engine, world size, max_steps.
 _SAME_ON_RESUME = ("seed", "model.name", "model.checkpoint", "model.img_size", "method.name", "method.sparse_update",
                    "method.lora_rank", "method.lora_alpha", "method.lora_targets")
+# And for methods that select: what the trained allocation was selected by (the checkpoint carries the allocation
+# itself; a config that says otherwise would train one thing and report another).
+_SAME_SELECTION = ("method.allocation", *(f"selection.{f.name}" for f in dataclasses.fields(SelectionConfig)
+                                          if f.name not in ("micro_batch_size", "checkpoint_every")))
 # Keys that fix the order of the training samples: with these (and world size, workers) unchanged, a resume
 # continues the data stream exactly where it was.
 _SAME_DATA_ORDER = ("seed", "data.train_shards", "data.workers", "data.shuffle_buffer", "data.augment",
@@ -71,7 +78,7 @@ class Trainer:
         self.num_classes = data.num_classes
         self.settings = RunSettings.resolve(cfg, data.train_samples, dist_info.world_size)
 
-        self.run_dir, checkpoint_dir = open_run(cfg, dist_info, "train", resume)
+        self.run_dir, checkpoint_dir, skipped = open_run(cfg, dist_info, "train", resume)
         self.checkpoint = Checkpoint.read(checkpoint_dir) if checkpoint_dir else None
         if self.checkpoint:
             self._check_resumable(self.checkpoint)
@@ -100,7 +107,7 @@ class Trainer:
         if self.checkpoint and not exact:  # a new sharding of the data: begin the epoch the run was in again
             start_epoch = self.checkpoint.state["samples_seen"] // data.train_samples
         common = dict(rank=dist_info.rank, world=dist_info.world_size, num_classes=data.num_classes,
-                      workers=cfg.data.workers)
+                      workers=cfg.data.workers, max_member_mb=cfg.data.max_member_mb)
         self.train_stream = TrainStream(data.train_shards, transform=train_tf, batch_size=self.settings.batch_size,
                                         seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                                         start_epoch=start_epoch, **common)
@@ -112,16 +119,20 @@ class Trainer:
                           scheduler=lambda opt: build_scheduler(opt, cfg.optim, self.settings.schedule.total_steps,
                                                                 self.settings.schedule.warmup_steps))
         self.engine = build_engine(self.model, spec)
-        self.evaluate = Evaluator(self.engine, self.eval_stream, tuple(model.patch_embed.img_size), dist_info.device)
+        self.evaluate = Evaluator(self.engine, self.eval_stream, tuple(model.patch_embed.img_size), dist_info.device,
+                                  stop=lambda: self.preemption.requested)
+        self._eval_result, self._eval_step, self._eval_time = {}, None, 0.0
         self.checkpoints = CheckpointManager(
             self.run_dir, dist_info.rank, every=cfg.output.checkpoint_every,
             every_min=cfg.output.checkpoint_every_min, keep_last=cfg.output.keep_last, files=self.allocation_files,
-            saved_step=self.start_step if self.checkpoint else None)
+            saved_step=self.start_step if self.checkpoint else None,
+            sharded=use_sharded(cfg.output.checkpoint_format, self.engine, dist_info.world_size))
         self.skipped_steps, self._skips_in_a_row = 0, 0
         self._preempt = self._time_due = False  # agreed by all ranks at each step (_agree_before_update)
         self._resume_note = ""
         if self.checkpoint:
             self._restore(resumed_weights, exact)
+            self._resume_note = "\n".join([*skipped, self._resume_note])
         self.log = RunLogger(os.path.join(self.run_dir, runfiles.TENSORBOARD) if dist_info.is_main else None,
                              self.settings.schedule.total_steps, cfg.output.progress,
                              purge_step=self.start_step + 1 if self.checkpoint else None,
@@ -153,7 +164,7 @@ class Trainer:
 
     def _check_resumable(self, checkpoint: Checkpoint) -> None:
         saved, now = checkpoint.state["config"], self.cfg.to_dict()
-        changed = _changed(saved, now, _SAME_ON_RESUME)
+        changed = _changed(saved, now, _SAME_ON_RESUME + (_SAME_SELECTION if self.method.selects else ()))
         if changed:
             key = changed[0]
             raise UserError(f"{key}: the checkpoint {checkpoint.directory} was written with "
@@ -206,19 +217,13 @@ class Trainer:
                                  "and optimizer state and schedule; the data set is dealt out anew and read from the "
                                  "start of the epoch the run was in")
 
-    def _open_samples_log(self):
-        """output.log_samples: samples/rank_RRRRR.txt, one line per optimizer step ("step key key ..."). A
-        resumed run drops the lines past its checkpoint, which the interrupted run may have written."""
+    def _open_samples_log(self) -> SampleLog | None:
+        """output.log_samples: samples/rank_RRRRR.txt, one line per optimizer step (spt_dist.sample_log)."""
         if not self.cfg.output.log_samples:
             return None
         path = os.path.join(self.run_dir, runfiles.SAMPLES, f"rank_{self.dist.rank:05d}.txt")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        kept = []
-        if self.checkpoint and os.path.isfile(path):
-            with open(path) as f:
-                kept = [line for line in f if int(line.split(" ", 1)[0]) <= self.start_step]
-        write_text(path, "".join(kept))
-        return open(path, "a")
+        return SampleLog(path, self.start_step if self.checkpoint else None)
 
     def _say(self, line: str) -> None:
         if self.dist.is_main:
@@ -238,7 +243,7 @@ class Trainer:
         cfg, engine, settings = self.cfg, self.engine, self.settings
         sched = settings.schedule
         tensorboard = os.path.join(self.run_dir, runfiles.TENSORBOARD)
-        self._say(f"run directory: {self.run_dir}\ntensorboard:   tensorboard --logdir {tensorboard}")
+        self._say(f"run directory: {self.run_dir}\ntensorboard:   tensorboard --logdir {shlex.quote(tensorboard)}")
         self._say(f"{cfg.model.name} / {cfg.method.name} / {cfg.engine.kind}"
                   f"{'-zero' + str(cfg.engine.zero_stage) if cfg.engine.kind == 'deepspeed' else ''}"
                   f" / {cfg.engine.precision} / {self.dist.world_size} rank(s): {self.trainable_report}")
@@ -251,8 +256,10 @@ class Trainer:
 
         batches = iter(self.train_stream)
         throughput, window_loss, window_count = Throughput(), 0.0, 0
-        train_start, eval_time, eval_result, eval_step = time.perf_counter(), 0.0, {}, None
+        train_start = time.perf_counter()
         step = self.start_step
+        if self.checkpoint and self.checkpoint.state.get("eval_pending") and not self._evaluate(step):
+            self._stop(step)  # stopped again, in the evaluation the checkpoint still owes: it stays owed
         engine.train()
         while step < sched.total_steps:
             nonfinite, keys = 0, []
@@ -276,8 +283,7 @@ class Trainer:
                 keys += batch["keys"]
             step += 1
             if self.samples_log:
-                self.samples_log.write(f"{step} {' '.join(keys)}\n")
-                self.samples_log.flush()
+                self.samples_log.write(step, keys)
             self.log.progress(1)
             if step % cfg.output.log_every == 0 or step == sched.total_steps:
                 # Collective at the same steps on every rank: the loss averaged over ranks and the window.
@@ -290,34 +296,29 @@ class Trainer:
                 self.log.progress(0, {"loss": f"{mean_loss:.4f}", "lr": f"{engine.lr():.2e}", "img/s": f"{rate:.0f}"})
                 window_loss, window_count = 0.0, 0
             epoch_end = step % sched.steps_per_epoch == 0
+            eval_pending = False
             if step == sched.total_steps or (epoch_end and (step // sched.steps_per_epoch) % cfg.output.eval_every == 0):
-                eval_start = time.perf_counter()
-                eval_result, eval_step = self.evaluate(), step
-                eval_time += time.perf_counter() - eval_start
-                self.log.scalars({f"eval/{k}": v for k, v in eval_result.items()}, step)
-                self._say(f"epoch {math.ceil(step / sched.steps_per_epoch)}/{sched.epochs} step {step}: top1 "
-                          f"{eval_result['top1']:.2f}% ({int(eval_result['samples'])} samples)")
+                eval_pending = not self._evaluate(step)  # a stop signal came during it: a resume does it again
+                self._preempt = self._preempt or eval_pending
             if self.checkpoints.step_due(step) or self._time_due or self._preempt:
-                self.save_checkpoint(step)
+                self.save_checkpoint(step, eval_pending)
             if self._preempt:
-                self.train_stream.close()
-                self.log.close()
-                raise Stopped(f"stopped by {self.preemption.received or 'a signal to another rank'} at step {step}: "
-                              f"checkpoint {self.checkpoints.last}\n{resume_hint(self.run_dir)}")
-        train_time = time.perf_counter() - train_start - eval_time
+                self._stop(step)
+        train_time = time.perf_counter() - train_start - self._eval_time
         self.train_stream.close()  # stop its loader workers now, not at interpreter exit
 
         if self.checkpoints.saved_step != step:  # else the loop has just saved this step (or the run resumed at its end)
             self.save_checkpoint(step)
-        if eval_step != step:  # resumed at the last step: nothing trained, but the summary needs an evaluation
-            eval_result = self.evaluate()
+        if self._eval_step != step and not self._evaluate(step):  # resumed at the last step: nothing trained,
+            self._stop(step)                                      # but the summary needs an evaluation
+        eval_result = self._eval_result
         faults = self._data_faults()
         images = settings.samples_after(step - self.start_step)
         summary = {"steps": step, "epochs": sched.epochs, "world_size": self.dist.world_size,
                    "batch_size_per_rank": settings.batch_size, "global_batch": settings.global_batch,
                    "device": _device_name(self.dist.device), "precision": cfg.engine.precision,
                    "top1": eval_result.get("top1"), "eval_samples": eval_result.get("samples"),
-                   "train_time_s": train_time, "eval_time_s": eval_time,
+                   "train_time_s": train_time, "eval_time_s": self._eval_time,
                    **(self._throughput(images / train_time, throughput.total_data_wait / train_time) if images else dict.fromkeys(THROUGHPUT_KEYS)),
                    "forward_flops_per_image": self.flops.forward, "train_flops_per_image": self.flops.train,
                    "peak_memory_gib": max(all_gather_float(peak_memory_gib(self.dist.device))),
@@ -339,8 +340,30 @@ class Trainer:
                     f"{summary['data_wait_share']:.0%} waiting for data)")
         self._say(f"done: top1 {summary['top1']:.2f}% | {rate} | "
                   f"peak memory {summary['peak_memory_gib']:.2f} GiB/rank | skipped samples {faults or 'none'}\n"
-                  f"run directory: {self.run_dir}\ntensorboard:   tensorboard --logdir {tensorboard}")
+                  f"run directory: {self.run_dir}\ntensorboard:   tensorboard --logdir {shlex.quote(tensorboard)}")
         return summary
+
+    def _evaluate(self, step: int) -> bool:
+        """Evaluates and logs the result; False if a stop signal cut the evaluation short (nothing logged)."""
+        start = time.perf_counter()
+        result = self.evaluate()
+        self._eval_time += time.perf_counter() - start
+        if result is None:
+            return False
+        self._eval_result, self._eval_step = result, step
+        sched = self.settings.schedule
+        self.log.scalars({f"eval/{k}": v for k, v in result.items()}, step)
+        self._say(f"epoch {math.ceil(step / sched.steps_per_epoch)}/{sched.epochs} step {step}: top1 "
+                  f"{result['top1']:.2f}% ({int(result['samples'])} samples)")
+        return True
+
+    def _stop(self, step: int) -> None:
+        """Ends a stopped run: its checkpoint at `step` is saved; says how to resume."""
+        self.train_stream.close()
+        self.log.close()
+        checkpoint = self.checkpoints.last or (self.checkpoint.directory if self.checkpoint else None)
+        raise Stopped(f"stopped by {self.preemption.received or 'a signal to another rank'} at step {step}: "
+                      f"checkpoint {checkpoint}\n{resume_hint(self.run_dir)}")
 
     def _throughput(self, images_per_s: float, data_share: float, prefix: str = "") -> dict[str, float | None]:
         return throughput_figures(images_per_s, data_share, self.dist.world_size, self.flops.train,
@@ -368,8 +391,9 @@ class Trainer:
             raise UserError(f"optim: the loss was non-finite in {_MAX_SKIPS_IN_A_ROW} steps in a row (up to step "
                             f"{step}): the weights are likely broken; stopped; last checkpoint: {last}")
 
-    def save_checkpoint(self, step: int) -> None:
-        state = {"world_size": self.dist.world_size, "batch_size": self.settings.batch_size,
+    def save_checkpoint(self, step: int, eval_pending: bool = False) -> None:
+        """`eval_pending`: the evaluation due at this step was cut short by a stop signal; a resume does it first."""
+        state = {"world_size": self.dist.world_size, "batch_size": self.settings.batch_size, "eval_pending": eval_pending,
                  "samples_seen": self.settings.samples_after(step),
                  "scheduler": self.engine.scheduler().state_dict(), "skipped_steps": self.skipped_steps,
                  "config": self.cfg.to_dict()}

@@ -44,6 +44,24 @@ def test_resolved_config_round_trips(tmp_path):
     ("model.checkpoint=/no/such/file.pth", "model.checkpoint: no such file"),
     ("nonsense", "expected key=value"),
     ("method.allocation=runs/x", "method.allocation: method.name full trains no allocation"),
+    # Malformed or hostile values: one line naming the key, never a traceback.
+    ("optim.lr=[1", "optim.lr: cannot read the value '[1'"),
+    ("optim.lr={a: 1", "optim.lr: cannot read the value"),
+    ("optim.lr=!!python/object:os.system", "optim.lr: cannot read the value '!!python/object:os.system'"),
+    ("optim.lr=!!python/object/apply:os.system [echo hi]", "optim.lr: cannot read the value"),
+    ("optim.max_steps=99999999999999999999999", "optim.max_steps: 99999999999999999999999 is too large"),
+    ("seed=99999999999999999999999", "seed: 99999999999999999999999 is too large"),
+    ("optim.lr=1" + "0" * 400, "optim.lr: 1000"),
+    ("optim.lr=1e999", "optim.lr: expected a finite number"),
+    ("optim.lr=.inf", "optim.lr: expected a finite number"),
+    ("engine.timeout_s=9999999999999", "engine.timeout_s: must be > 0 and at most a year"),
+    # The run directory stays inside output.dir.
+    ("output.name=../../x", "output.name: must be a relative path that stays inside output.dir"),
+    ("output.name=a/../../x", "output.name: must be a relative path that stays inside output.dir"),
+    ("output.name=/tmp/x", "output.name: must be a relative path that stays inside output.dir"),
+    ("output.name=..", "output.name: must be a relative path that stays inside output.dir"),
+    ("output.name=.", "output.name: must be a relative path that stays inside output.dir"),
+    ("output.name=''", "output.name: must be a relative path that stays inside output.dir"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(UserError) as err:
@@ -59,6 +77,18 @@ def test_bad_files(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(str(bad))
+    for name, data in (("binary.yaml", bytes(range(256))), ("image.yaml", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UserError, match=f"--config: '.*{name}' is not a text file"):
+            load_config(str(tmp_path / name))
+    numbers = tmp_path / "numbers.yaml"
+    numbers.write_text("1: 2\nnull: 3\noptim: {lr: 0.1}\n")  # keys that are no names
+    with pytest.raises(UserError, match="unknown key"):
+        load_config(str(numbers))
+
+
+def test_nested_run_names_inside_output_dir_are_allowed():
+    assert load_config(str(REPO / "configs/demo.yaml"), ["output.name=sweep/run-1"]).output.name == "sweep/run-1"
 
 
 def test_peft_methods_imply_the_selection():

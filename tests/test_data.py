@@ -1,9 +1,12 @@
 """Tests for spt_dist.data: shard writer CLI, deterministic rank/worker sharding, fault tolerance, errors."""
 
+import contextlib
 import io
 import json
 import os
+import resource
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -345,3 +348,203 @@ def test_shard_spec_errors(syn, tmp_path):
     (tmp_path / "x.tar").write_bytes(b"")
     assert count_samples([str(tmp_path / "x.tar")]) is None  # no sizes.json
     assert count_samples(train_shards(syn)[:3]) == 3 * PER_SHARD
+
+
+# --------------------------------------------------------------------------- hostile shards and metadata
+
+
+def _tar_number(n, width=12):
+    """A tar numeric field: octal digits and a NUL, or GNU base-256 (0x80, big-endian) when too large."""
+    if n < 8 ** (width - 1):
+        return b"%0*o\0" % (width - 1, n)
+    return bytes([0x80]) + n.to_bytes(width - 1, "big")
+
+
+def gnu_sparse_member(name, data, realsize, extended=False):
+    """An old-GNU sparse member ('S'): `data` stored, at the end of a `realsize`-byte file of holes. tarfile can
+    read but not write these; extracting one allocates `realsize` bytes."""
+    h = bytearray(512)
+    h[0:len(name)] = name.encode()
+    h[100:108], h[108:116], h[116:124] = b"0000644\0", b"0000000\0", b"0000000\0"
+    h[124:136], h[136:148] = _tar_number(len(data)), _tar_number(0)
+    h[156:157], h[257:265] = b"S", b"ustar  \0"  # old GNU magic
+    h[386:398], h[398:410] = _tar_number(realsize - len(data)), _tar_number(len(data))  # sparse map entry 0
+    h[482] = int(extended)
+    h[483:495] = _tar_number(realsize)
+    h[148:156] = b" " * 8
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h) + data + b"\0" * (-len(data) % 512)
+
+
+def plain_member(name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info.tobuf(format=tarfile.GNU_FORMAT) + data + b"\0" * (-len(data) % 512)
+
+
+@contextlib.contextmanager
+def limited_address_space(extra=2 << 30):
+    """This process may map at most `extra` more bytes: an attempt to allocate 64 GiB fails at once with
+    MemoryError instead of reaching for the machine's memory."""
+    with open("/proc/self/statm") as f:
+        mapped = int(f.read().split()[0]) * resource.getpagesize()
+    saved = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + extra, saved[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, saved)
+
+
+def test_sparse_member_declaring_64_gib_is_refused_unread(tmp_path):
+    """A GNU sparse member declaring 64 GiB in a small shard: its sample is counted as bad_image without
+    reading it, the samples around it come through, a forged '.__key__' member changes nothing; a sparse
+    header whose extension block is cut off, and a member declaring 2**80 bytes, are bad_tars (not a traceback
+    or a hang)."""
+    good = png_bytes((200, 30, 30))
+    shard = tmp_path / "evil-000000.tar"
+    shard.write_bytes(plain_member("good0.png", good) + plain_member("good0.cls", b"1")
+                      + plain_member("good0.__key__", b"forged")
+                      + plain_member("huge.cls", b"0") + gnu_sparse_member("huge.png", b"x", 64 << 30)
+                      + plain_member("huge.jpg", good)  # the rest of the refused sample: skipped unread too
+                      + plain_member("good1.png", good) + plain_member("good1.cls", b"0") + b"\0" * 1024)
+    cut = tmp_path / "evil-000001.tar"
+    cut.write_bytes(plain_member("a.png", good) + plain_member("a.cls", b"0")
+                    + gnu_sparse_member("b.png", b"x", 64 << 30, extended=True)[:512])  # extension block cut off
+    liar = tarfile.TarInfo("d.png")
+    liar.size = 2**80  # a plain member declaring more than the file holds: a truncated tar, never stepped over
+    lying = tmp_path / "evil-000002.tar"
+    lying.write_bytes(plain_member("c.png", good) + plain_member("c.cls", b"1")
+                      + liar.tobuf(format=tarfile.GNU_FORMAT) + b"x" * 512)
+    paths = [str(shard), str(cut), str(lying)]
+    start = time.perf_counter()
+    with limited_address_space():
+        stream = EvalStream(paths, rank=0, world=1, batch_size=4, transform=to_tensor, num_classes=2)
+        batches = list(stream)
+    assert time.perf_counter() - start < 5
+    assert keys_of(batches) == ["good0", "good1", "c"]  # "a" is dropped with its tar, like any half-read sample
+    assert batches[0]["labels"].tolist() == [1, 0, 1]
+    assert stream.faults() == {"bad_image": 1, "bad_label": 0, "label_out_of_range": 0, "bad_tar": 2}
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_member_over_max_member_mb_is_refused(tmp_path, workers, caplog):
+    """An ordinary member over the configured cap (train and eval streams take it as `max_member_mb`): its sample
+    is dropped and counted, named with the member and its size, and reading goes on with the next one."""
+    big = b"\0" * (300 << 10)  # 300 KiB > 0.25 MB
+    good = png_bytes((30, 200, 30))
+    members = [("s0.png", good), ("s0.cls", b"1"), ("big.cls", b"0"), ("big.png", big), ("s1.png", good),
+               ("s1.cls", b"0")]
+    for i in range(2):
+        write_tar(tmp_path / f"cap-{i:06d}.tar", [(f"{i}{name}", data) for name, data in members])
+    paths = expand_shards(f"{tmp_path}/cap-*.tar", "data.train_shards")
+    evals = EvalStream(paths, rank=0, world=1, batch_size=4, transform=to_tensor, num_classes=2, workers=workers,
+                       max_member_mb=0.25)
+    assert sorted(keys_of(evals)) == ["0s0", "0s1", "1s0", "1s1"]
+    assert evals.faults()["bad_image"] == 2 and evals.faults()["bad_tar"] == 0
+    if workers == 0:
+        assert f"{paths[0]}:0big" in caplog.text and "0big.png" in caplog.text and str(len(big)) in caplog.text
+    train = train_stream(paths, batch_size=2, num_classes=2, workers=workers, shuffle_buffer=4, max_member_mb=0.25)
+    assert {k for _ in range(6) for k in next(train)["keys"]} == {"0s0", "0s1", "1s0", "1s1"}
+    assert train.faults()["bad_image"] == 2
+    train.close()
+
+
+def test_max_member_mb_config_key():
+    from spt_dist.config import load_config
+    assert load_config().data.max_member_mb == 64
+    assert load_config(overrides=["data.max_member_mb=0.5"]).data.max_member_mb == 0.5
+    for bad in ("0", "-3", "nan", "inf"):
+        with pytest.raises(UserError, match=r"^data\.max_member_mb: (must be a positive number|expected a finite)"):
+            load_config(overrides=[f"data.max_member_mb={bad}"])
+    with pytest.raises(UserError, match=r"^data\.max_member_mb: expected a number"):
+        load_config(overrides=["data.max_member_mb=lots"])
+
+
+def test_sizes_json_entries_are_checked(tmp_path):
+    """sizes.json decides the epoch length: a count that is no integer, negative, or more than its shard file can
+    hold stops the run with one line naming the file, the shard and the value (the reader and the shard tool)."""
+    def write_train(test="0"):  # the shard tool, raising its UserError
+        return shards.main.__wrapped__(["synthetic", "--out", str(tmp_path), "--classes", "2", "--train", "6",
+                                        "--test", test, "--size", "8", "--samples-per-shard", "3"])
+
+    write_train(test="3")
+    paths = expand_shards(f"{tmp_path}/train-*.tar", "data.train_shards")
+    sizes_path = tmp_path / "sizes.json"
+    good = json.loads(sizes_path.read_text())
+    assert count_samples(paths) == 6
+    most = os.path.getsize(paths[1]) // 1024  # every sample is two members of at least a 512-byte header each
+    sizes_path.write_text(json.dumps(good | {"train-000001.tar": most, "gone-000000.tar": 10**6}))
+    assert count_samples(paths) == 3 + most  # at the bound; a listed shard that is not there is not checked
+    sizes_path.write_text(json.dumps(good | {"train-000001.tar": 0}))
+    assert count_samples(paths) == 3
+    for value in (-1, 1e12, 10**12, most + 1, True, "3", 3.0, None, [3]):
+        for shard, read in (("train-000001.tar", lambda: count_samples(paths[:1])),  # even of a shard not read
+                            ("test-000000.tar", write_train)):  # another split's entry
+            sizes_path.write_text(json.dumps(good | {shard: value}))
+            with pytest.raises(UserError) as e:
+                read()
+            msg = str(e.value)
+            assert "\n" not in msg and str(sizes_path) in msg and shard in msg and repr(value) in msg, msg
+    # The shard tool replaces its own split's entries, so re-writing the split repairs them.
+    sizes_path.write_text(json.dumps(good | {"train-000001.tar": -5}))
+    write_train()
+    assert json.loads(sizes_path.read_text()) == good
+    for bad in ("[3, 3]", '"x"', "{"):
+        sizes_path.write_text(bad)
+        for read in (lambda: count_samples(paths), write_train):
+            with pytest.raises(UserError, match=f"^{sizes_path}: "):
+                read()
+
+
+# --------------------------------------------------------------------------- samples log (output.log_samples)
+
+HOSTILE_KEYS = ["plain_00000001", "with space", "two\nlines", "100%", "%41", "", "tab\tand\rcr", "ünïcödé",
+                "line\u2028sep", "nul\0", "\udcff-undecodable-byte", " ", "a+b/c?d=e&f#g"]
+
+
+def test_sample_log_round_trips_hostile_keys(tmp_path):
+    from spt_dist.sample_log import SampleLog, read_sample_log
+    path = str(tmp_path / "samples" / "rank_00000.txt")
+    steps = [(1, HOSTILE_KEYS), (2, ["ok", ""]), (3, []), (4, HOSTILE_KEYS[::-1])]
+    with SampleLog(path, resume_step=None) as log:
+        for step, keys in steps:
+            log.write(step, keys)
+        with pytest.raises(ValueError, match="step 4 written after step 4"):
+            log.write(4, ["again"])
+    assert read_sample_log(path) == steps
+    text = open(path, "rb").read()
+    assert text.count(b"\n") == len(steps) and all(32 <= b < 127 for b in text.replace(b"\n", b""))
+    assert text.startswith(b"1 plain_00000001 with%20space two%0Alines 100%25 %2541  ")  # ordinary keys readable
+
+
+def test_sample_log_resume_keeps_steps_up_to_the_checkpoint(tmp_path):
+    from spt_dist.sample_log import SampleLog, read_sample_log
+    path = tmp_path / "rank_00000.txt"
+    with SampleLog(str(path), resume_step=None) as log:
+        for step in range(1, 6):
+            log.write(step, [f"k{step}", "with space"])
+    whole = path.read_text()
+    with open(path, "a") as f:
+        f.write("6 torn-by-the-kil")  # the interrupted run's last write
+    assert read_sample_log(str(path)) == [(s, [f"k{s}", "with space"]) for s in range(1, 6)]  # torn line left out
+
+    with SampleLog(str(path), resume_step=3) as log:  # resumed from the checkpoint of step 3
+        log.write(4, ["new4"])
+    assert read_sample_log(str(path)) == [(1, ["k1", "with space"]), (2, ["k2", "with space"]),
+                                          (3, ["k3", "with space"]), (4, ["new4"])]
+    SampleLog(str(path), resume_step=10).close()  # past the file's end: all of it kept
+    assert [s for s, _ in read_sample_log(str(path))] == [1, 2, 3, 4]
+
+    # A malformed line (e.g. an old unescaped key with a newline) ends what a resume keeps; reading it is one error.
+    path.write_text(whole.replace("3 k3 with%20space\n", "3 k3 two\nlines\n"))
+    with pytest.raises(UserError, match=rf"^{path}:4: not a line of a samples log"):
+        read_sample_log(str(path))
+    SampleLog(str(path), resume_step=5).close()
+    assert path.read_text() == "1 k1 with%20space\n2 k2 with%20space\n3 k3 two\n"
+    for bad in ("1 k1\n", "x k\n", "2 a%zz\n", "2 caf\xe9\n", "-2 k\n", "02 k\n", "2 tab\tkey\n",
+                "9" * 5000 + " k\n"):
+        path.write_bytes(b"1 ok\n" + bad.encode("latin-1") + b"3 after\n")
+        SampleLog(str(path), resume_step=5).close()
+        assert read_sample_log(str(path)) == [(1, ["ok"])], bad
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]  # rewritten atomically, nothing left over

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from spt_dist.checkpoint import Checkpoint
 from spt_dist.config import load_config
 from spt_dist.engines import VARIANTS
 from spt_dist.models import create_model
@@ -41,8 +43,10 @@ def reference(synthetic_shards, tmp_path_factory):
 
 @pytest.mark.parametrize("engine", list(VARIANTS))
 def test_two_ranks_match_single_process_exactly(engine, reference, synthetic_shards, tmp_path):
+    """Also the sharded checkpoint each engine writes at the end: every rank its own part of the weights and
+    AdamW state, which assemble into the same weights."""
     args = [TRAIN, "--config", "tests/configs/tiny.yaml", *tiny_overrides(synthetic_shards, tmp_path, engine),
-            *RECIPE, *VARIANTS[engine]]
+            *RECIPE, *VARIANTS[engine], "output.checkpoint_format=sharded"]
     result = check(run_job(args, nproc=WORLD, timeout=240))
     assert "top1" in result.stdout
     weights = load_file(str(tmp_path / engine / "model.safetensors"))
@@ -52,6 +56,40 @@ def test_two_ranks_match_single_process_exactly(engine, reference, synthetic_sha
         assert torch.equal(weights[name], value), f"{engine}: {name} differs by {(weights[name] - value).abs().max()}"
         moved += 1
     assert moved == len(reference)
+
+    checkpoint = Checkpoint.read(str(tmp_path / engine / "checkpoints" / "step_00000003"))
+    assert checkpoint.sharded and checkpoint.problem() is None
+    assert not (Path(checkpoint.directory) / "trainable.safetensors").exists()
+    saved = checkpoint.trainable()
+    assert saved.keys() == reference.keys() and all(torch.equal(saved[n], reference[n]) for n in reference)
+    optimizer = checkpoint.optimizer()
+    assert optimizer.keys() == reference.keys()
+    assert all(optimizer[n]["exp_avg"].shape == reference[n].shape for n in reference)
+    shard_sizes = [(Path(checkpoint.directory) / f"shard_{r:05d}.safetensors").stat().st_size for r in range(WORLD)]
+    assert max(shard_sizes) < 0.6 * sum(shard_sizes), shard_sizes  # each rank wrote about its half
+
+
+def test_sharded_checkpoint_resumes_on_another_world_size(synthetic_shards, tmp_path):
+    """Full fine-tuning saved sharded by 2 ZeRO-3 ranks, resumed by 1 FSDP2 rank: equal to plain PyTorch continuing
+    from that checkpoint's assembled weights, AdamW state and schedule."""
+    def args(steps, engine):
+        return [TRAIN, "--config", "tests/configs/tiny.yaml", *tiny_overrides(synthetic_shards, tmp_path, "run"),
+                *RECIPE[1:], f"optim.max_steps={steps}", "output.checkpoint_every=2",
+                "output.checkpoint_format=sharded", *VARIANTS[engine]]
+
+    check(run_job(args(2, "zero3"), nproc=WORLD, timeout=240))
+    checkpoint = Checkpoint.read(str(tmp_path / "run" / "checkpoints" / "step_00000002"))
+    assert checkpoint.sharded and checkpoint.state["world_size"] == 2
+    result = check(run_job([*args(4, "fsdp2"), "--resume", "latest"], launcher="python", timeout=240))
+    assert "resumed from" in result.stdout
+
+    cfg = load_config(str(REPO / "tests/configs/tiny.yaml"), [a for a in args(4, "fsdp2")[3:] if "engine." not in a])
+    torch.manual_seed(cfg.seed)
+    model = apply_method(create_model(cfg.model.name, dataset_classes(cfg)), cfg.method)
+    train_reference(cfg, model, 1, resume_from=checkpoint)
+    got = load_file(str(tmp_path / "run" / "model.safetensors"))
+    for name, p in model.named_parameters():
+        assert torch.equal(got[name], p.detach()), f"{name} differs by {(got[name] - p).abs().max()}"
 
 
 @pytest.mark.parametrize("engine", ["zero0", "zero2", "zero3", "fsdp2"])

@@ -59,6 +59,28 @@ def test_bad_checkpoints_are_user_errors(tmp_path):
         create_model(TINY, 10, checkpoint=other)
 
 
+def test_checkpoints_of_other_shapes_name_the_first_offending_key(tmp_path):
+    state = create_model(TINY, 10).state_dict()
+    cases = [
+        ("blocks.0.attn.qkv.weight", torch.zeros(5, 5), "'blocks.0.attn.qkv.weight' has shape [5, 5], expected [192, 64]"),
+        ("pos_embed", torch.zeros(1, 7, 64), "'pos_embed' has shape [1, 7, 64], expected [1, 17, 64]"),
+        ("cls_token", torch.zeros(1, 1, 32), "'cls_token' has shape [1, 1, 32], expected [1, 1, 64]"),
+        ("pos_embed", torch.zeros(7, 64), "timm cannot convert it"),
+        ("blocks.0.norm1.weight", None, "missing 'blocks.0.norm1.weight' (expected shape [64])"),
+        ("extra.weight", torch.zeros(1), "unexpected 'extra.weight' (shape [1])"),
+    ]
+    for i, (key, value, message) in enumerate(cases):
+        edited = {k: v for k, v in state.items() if k != key}
+        if value is not None:
+            edited[key] = value
+        path = str(tmp_path / f"edited{i}.safetensors")
+        write_safetensors(path, edited)
+        with pytest.raises(UserError) as err:
+            create_model(TINY, 10, checkpoint=path)
+        assert str(err.value).startswith(f"model.checkpoint: '{path}' does not fit VisionTransformer: ")
+        assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
 def test_tuned_layer_starts_at_base_and_merges():
     torch.manual_seed(0)
     base = torch.nn.Linear(16, 48)

@@ -38,11 +38,12 @@ RECIPE = ["method.name=lora", "method.lora_dropout=0.1", "method.module_drop_pat
           "output.log_samples=true", "engine.zero_stage=2"]
 
 
-def start_job(args: list[str], nproc: int) -> subprocess.Popen:
+def start_job(args: list[str], nproc: int, launcher: str = "torchrun") -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("RANK", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           *args]
+    module, nprocs = ("deepspeed.launcher.runner", "--num_gpus") if launcher == "deepspeed" else \
+        ("torch.distributed.run", "--nproc_per_node")
+    cmd = [sys.executable, "-m", module, f"{nprocs}={nproc}", f"--master_port={free_port()}", *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
@@ -103,27 +104,58 @@ def test_run_killed_at_a_random_step_resumes_to_the_same_weights_and_samples(uni
     assert json.loads((run_dir / "metrics.json").read_text())["resumed_from_step"] == steps[-1]
 
 
-def test_sigterm_saves_a_checkpoint_and_the_resume_continues_from_it(uninterrupted, synthetic_shards, tmp_path):
-    args = [TRAIN, "--config", "tests/configs/tiny.yaml", *tiny_overrides(synthetic_shards, tmp_path, "run"),
-            *RECIPE, "output.checkpoint_every=0"]  # no periodic checkpoints: the one found is the signal's
-    proc = start_job(args, nproc=2)
-    run_dir = tmp_path / "run"
-    wait_for(run_dir / "samples" / "rank_00000.txt", proc, timeout=240)
+def wait_for_step(samples: Path, after: int, proc: subprocess.Popen) -> None:
+    """Until the run has logged a step past `after` (its samples file has a line for it)."""
+    wait_for(samples, proc, timeout=240)
     deadline = time.monotonic() + 120
-    while not (run_dir / "samples" / "rank_00000.txt").read_text().startswith("1 "):  # training has begun
-        assert proc.poll() is None and time.monotonic() < deadline, "the run never took a step"
+    while len(samples.read_text().splitlines()) <= after:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run took no step"
         time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)  # to the launcher, as a scheduler does; torchrun passes it to the ranks
-    out, err = proc.communicate(timeout=120)
+
+
+def ended(proc: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
+    """Output of a job whose launcher may be gone: its pipes close once the last rank (and worker) has exited."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        out, err = proc.communicate()
+        pytest.fail(f"the ranks did not stop\n{out[-2000:]}\n{err[-3000:]}")
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resume_continues_from_it(uninterrupted, synthetic_shards, tmp_path):
+    """DeepSpeed's launcher, as a scheduler meets it: the `deepspeed` command itself terminated (it does not pass
+    the signal on: its launch process lives on, orphaned), then the launch process terminated (it signals every
+    process of each rank's tree one by one, DataLoader workers included). Each ends in a clean checkpoint, and the
+    run resumed from the last one equals the uninterrupted run."""
+    import psutil
+    args = [TRAIN, "--config", "tests/configs/tiny.yaml", *tiny_overrides(synthetic_shards, tmp_path, "run"),
+            *RECIPE, "output.checkpoint_every=0"]  # no periodic checkpoints: the ones found are the signals'
+    run_dir, samples = tmp_path / "run", tmp_path / "run" / "samples" / "rank_00000.txt"
+    proc = start_job(args, nproc=2, launcher="deepspeed")
+    wait_for_step(samples, 0, proc)
+    proc.send_signal(signal.SIGTERM)  # the `deepspeed` command: it dies and its launch process is orphaned
+    out, err = ended(proc)
+    assert "stopped by the exit of its launcher" in out, err[-3000:]
+    assert "Traceback" not in err and not (run_dir / "metrics.json").exists()
+    [saved] = list((run_dir / "checkpoints").glob("step_*"))
+    first = Checkpoint.read(str(saved))
+    assert 1 <= first.step < 9 and first.trainable() and first.optimizer()  # loadable
+    assert sorted(p.suffix for p in saved.iterdir()) == [".json"] + [".safetensors"] * 4  # nothing pickled
+
+    proc = start_job([*args, "--resume", "latest"], nproc=2, launcher="deepspeed")
+    wait_for_step(samples, first.step, proc)
+    [launch] = psutil.Process(proc.pid).children()  # DeepSpeed's launch process, parent of the ranks
+    launch.send_signal(signal.SIGTERM)  # it terminates each rank's process tree, workers first
+    out, err = ended(proc)
     assert "stopped by SIGTERM at step" in out, err[-3000:]
     assert f"resume: run the same command again with --resume {run_dir}" in out
-    # No rank failed (torchrun itself, signalled, reports its own SignalException after its ranks have exited).
-    assert "[rank0]: Traceback" not in err and "[rank1]: Traceback" not in err
+    assert "Traceback" not in err and "DataLoader worker" not in err
     assert not (run_dir / "metrics.json").exists()
-    [saved] = list((run_dir / "checkpoints").glob("step_*"))
-    checkpoint = Checkpoint.read(str(saved))
-    assert 1 <= checkpoint.step < 10 and checkpoint.trainable() and checkpoint.optimizer()  # loadable
-    assert sorted(p.suffix for p in saved.iterdir()) == [".json"] + [".safetensors"] * 4  # nothing pickled
+    steps = sorted(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*"))
+    assert steps[0] == first.step and first.step < steps[-1] <= 10 and not list(run_dir.glob("checkpoints/.partial*"))
+    checkpoint = Checkpoint.read(str(run_dir / "checkpoints" / f"step_{steps[-1]:08d}"))
+    saved = Path(checkpoint.directory)
 
     # A key that decides the frozen weights must not change: one line, nothing trained.
     refused = run_job([*args, "seed=1", "--resume", str(run_dir)], nproc=2, timeout=120)
@@ -133,6 +165,64 @@ def test_sigterm_saves_a_checkpoint_and_the_resume_continues_from_it(uninterrupt
     result = check(run_job([*args, "--resume", str(run_dir)], nproc=2, timeout=300))
     assert f"resumed from {saved} (step {checkpoint.step})" in result.stdout
     assert_same_run(run_dir, uninterrupted)
+
+
+def test_stop_signal_during_evaluation_saves_at_once_and_the_resume_evaluates_first(synthetic_shards, tmp_path):
+    """A stop signal while the run evaluates (here a long evaluation: 640 images one by one per rank) is obeyed
+    inside the evaluation: the checkpoint is of the step just trained, no further step is taken, and the resumed
+    run does the evaluation it owes before training on."""
+    args = [TRAIN, "--config", "tests/configs/tiny.yaml", *tiny_overrides(synthetic_shards, tmp_path, "run"),
+            f"data.train_shards={synthetic_shards}/train-{{000000..000001}}.tar",  # 128 images: 8 steps an epoch
+            f"data.eval_shards={synthetic_shards}/*.tar", "data.eval_batch_size=1", "method.name=lora",
+            "optim.max_steps=16", "output.log_samples=true"]
+    run_dir, samples = tmp_path / "run", tmp_path / "run" / "samples" / "rank_00000.txt"
+    proc = start_job(args, nproc=2)
+    wait_for_step(samples, 7, proc)  # step 8 ends the first epoch: its evaluation begins
+    proc.send_signal(signal.SIGTERM)
+    out, err = ended(proc)
+    assert "stopped by SIGTERM at step 8:" in out, out[-2000:] + err[-3000:]
+    assert "step 8: top1" not in out and not (run_dir / "metrics.json").exists()
+    checkpoint = Checkpoint.read(str(run_dir / "checkpoints" / "step_00000008"))
+    assert checkpoint.state["eval_pending"]
+
+    result = check(run_job([*args, "--resume", "latest"], nproc=2, timeout=300))
+    assert "epoch 1/2 step 8: top1" in result.stdout and "epoch 2/2 step 16: top1" in result.stdout
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 16
+
+
+def test_damaged_checkpoints(uninterrupted, synthetic_shards, tmp_path):
+    """A flipped byte in the newest checkpoint: the resume skips it with a warning naming the file, continues
+    from the one before, and still ends with the uninterrupted run's weights and samples. A damaged file that
+    only rank 1 reads (a checkpoint from before checksums): one line from rank 1, no traceback from any rank."""
+    def copy(name):
+        shutil.copytree(uninterrupted, tmp_path / name)
+        return tmp_path / name, [TRAIN, "--config", "tests/configs/tiny.yaml",
+                                 *tiny_overrides(synthetic_shards, tmp_path, name), *RECIPE, "--resume", "latest"]
+
+    run_dir, args = copy("flipped")
+    newest = run_dir / "checkpoints" / "step_00000010"
+    with open(newest / "trainable.safetensors", "r+b") as f:
+        f.seek(-3, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-3, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0x10]))
+    result = check(run_job(args, nproc=2, timeout=300))
+    assert f"skipped the damaged checkpoint {newest}: trainable.safetensors does not match its checksum" \
+        in result.stdout
+    assert f"resumed from {run_dir}/checkpoints/step_00000009 (step 9)" in result.stdout
+    assert_same_run(run_dir, uninterrupted)
+
+    run_dir, args = copy("rank1")
+    newest = run_dir / "checkpoints" / "step_00000010"
+    state = json.loads((newest / "state.json").read_text())
+    del state["files"]
+    (newest / "state.json").write_text(json.dumps(state))
+    (newest / "rank_00001.safetensors").write_bytes(b"damaged")
+    result = run_job(args, nproc=2, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if "spt_dist: error" in line]
+    assert result.returncode != 0 and len(errors) == 1, result.stderr[-4000:]
+    assert f"spt_dist: error: rank 1: --resume: cannot read '{newest}/rank_00001.safetensors'" in errors[0]
+    assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("before,after", [
@@ -163,6 +253,11 @@ def test_resume_on_another_world_size_keeps_allocation_and_state(before, after, 
     assert checkpoint.state["world_size"] == ranks and (Path(checkpoint.directory) / "allocation.json").exists()
 
     ranks, accum, engine = after
+    if ranks == 2:  # the checkpoint trains a budget-3000 allocation: a config that says 6000 is refused
+        refused = run_job([*args(ranks, accum, engine, 8), "selection.budget=6000", "--resume", "latest"],
+                          nproc=ranks, timeout=120)
+        assert refused.returncode != 0 and "spt_dist: error: selection.budget: the checkpoint " \
+            f"{checkpoint.directory} was written with 3000.0, this run has 6000.0" in refused.stderr, refused.stderr
     result = check(run_job([*args(ranks, accum, engine, 8), "--resume", "latest"], nproc=ranks, timeout=300))
     assert f"(step 4, {before[0]} -> {ranks} ranks)" in result.stdout
     assert not (run_dir / "allocation.json").exists()

@@ -109,3 +109,26 @@ def test_nonfinite_loss_skip_mode_leaves_steps_out_then_gives_up(synthetic_shard
     errors = [line for line in result.stderr.splitlines() if line.startswith("spt_dist: error:")]
     assert len(errors) == 1 and "non-finite in 10 steps in a row (up to step 11)" in errors[0], result.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "skip" / "checkpoints").iterdir())[-1] == "step_00000010"
+
+
+def test_a_second_job_on_a_busy_run_directory_is_refused(synthetic_shards, tmp_path):
+    """A job holds the run directory (here this test process, as a running training job would): a second job
+    there (`--stage select` beside it, or the same output.name) stops with one line naming the holder, and
+    writes nothing into the directory."""
+    import os
+    import socket
+
+    from spt_dist.rundir import lock_run_dir
+    run_dir = tmp_path / "busy"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("the running job's config\n")
+    lock_run_dir(str(run_dir))
+    args = [TRAIN, "--config", "tests/configs/tiny.yaml", *tiny_overrides(synthetic_shards, tmp_path, "busy"),
+            "--stage", "select", "method.name=spt_lora"]
+    result = run_job(args, launcher="python", timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"spt_dist: error: output.name: the run directory {run_dir} is in use by another job (host "
+        f"{socket.gethostname()}, pid {os.getpid()}, since {(run_dir / '.lock').read_text().split(', since ')[1].strip()}"
+        "); wait for it to end, stop it, or choose another output.name"], result.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.yaml"]
+    assert (run_dir / "config.yaml").read_text() == "the running job's config\n"

@@ -5,7 +5,9 @@ shards[r::world] and its DataLoader worker w takes [w::workers] of those, so no 
 ever read the same shard in the same epoch. Everything random is seeded from (seed, epoch, rank, worker),
 never from process state, so a run is reproducible for fixed (seed, rank, world, workers).
 
-Faults: corrupt images, bad labels and unreadable/truncated tars are skipped and counted, never fatal.
+Faults: corrupt images, bad labels and unreadable/truncated tars are skipped and counted, never fatal. A tar
+member that is sparse or larger than `max_member_mb` is never read (a crafted one may declare any size): its
+sample counts as a bad_image.
 A count is of distinct faults (a bad sample read again in a later epoch, or again after a resume, counts once),
 so it says what is wrong with the data set. Each worker sends the faults new since its last item with every
 item, so they reach the main process even from DataLoader worker processes.
@@ -37,8 +39,9 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from spt_dist.data.shards import CLASSES_FILE, SIZES_FILE, read_json
+from spt_dist.data.shards import CLASSES_FILE, read_json, read_sizes
 from spt_dist.errors import UserError
+from spt_dist.preemption import SIGNALS as STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,8 @@ Transform = Callable[[Image.Image], torch.Tensor]
 FAULT_KINDS = ("bad_image", "bad_label", "label_out_of_range", "bad_tar")
 _IMAGE_EXTS = ("png", "jpg", "jpeg")
 _WARN_PER_KIND = 5  # log the first few faults of each kind per worker; the counts carry the rest
+MAX_MEMBER_MB = 64.0  # data.max_member_mb's default: larger tar members are refused unread
+_REFUSED = "__refused__"  # a raw sample whose member was refused unread: why (never a member: see read_tars)
 
 
 # --------------------------------------------------------------------------- shard lists and metadata
@@ -89,14 +94,15 @@ def expand_shards(spec: str, key: str) -> list[str]:
 
 
 def count_samples(shards: list[str]) -> int | None:
-    """Total samples from sizes.json next to each shard; None if any shard is not listed."""
+    """Total samples from sizes.json next to each shard; None if any shard is not listed. Every entry of each
+    sizes.json is checked (shards.read_sizes): a bad one is a UserError naming the file, the shard and the value."""
     total = 0
     for d in sorted({os.path.dirname(s) for s in shards}):
-        sizes = read_json(os.path.join(d, SIZES_FILE)) or {}
+        sizes = read_sizes(d)
         for s in (s for s in shards if os.path.dirname(s) == d):
             if os.path.basename(s) not in sizes:
                 return None
-            total += int(sizes[os.path.basename(s)])
+            total += sizes[os.path.basename(s)]
     return total
 
 
@@ -144,36 +150,65 @@ class FaultCounter:
 # --------------------------------------------------------------------------- pipeline stages
 
 
-def read_tars(paths: list[str], faults: FaultCounter) -> Iterator[dict]:
+def read_tars(paths: list[str], faults: FaultCounter, max_member_mb: float = MAX_MEMBER_MB) -> Iterator[dict]:
     """Group tar members into samples {"__key__", "<ext>": bytes, ...}.
 
     Our own reader rather than wds.tarfile_samples: a truncated or garbage tar must cost exactly one
     bad_tar count and never leak a half-read sample into the next shard's stream.
+
+    A member is read only if it is a plain member of at most `max_member_mb` MB lying within the file: a
+    crafted header may declare any size (a GNU sparse member 64 GiB of holes in a 1 MB shard). A sparse or
+    larger member's sample comes out as {"__key__", "__url__", "__refused__": why}, its members unread, for
+    decode_samples to count as a bad_image. Refused samples stay in the stream (rather than being dropped
+    here) so a position counts the same raw samples whatever the cap. A member declaring more data than the
+    file holds is a truncated tar (bad_tar). Members named KEY.__EXT (not data of ours) are ignored, so a
+    member cannot overwrite the sample's __key__ or __url__.
     """
+    cap = int(max_member_mb * 2**20)
     for path in paths:
         sample: dict | None = None
         try:
             with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+                end = os.fstat(f.fileno()).st_size
                 for member in tar:
-                    if not member.isreg():
+                    key, ext = wds.tariterators.base_plus_ext(member.name) if member.isreg() else (None, None)
+                    ours = key is not None and not ext.startswith("__")
+                    if ours and sample is not None and sample["__key__"] != key:
+                        yield sample  # complete: the next sample's first header has been read
+                        sample = None
+                    # tar.offset: where the next header starts. Past the end, tarfile would step there block by
+                    # block (forever, for a size like 2**80) before noticing: stop here instead.
+                    if tar.offset > end:
+                        raise tarfile.ReadError(f"member '{member.name}' declares {member.size} bytes, past the "
+                                                f"end of the {end}-byte file")
+                    if not ours:
                         continue
-                    key, ext = wds.tariterators.base_plus_ext(member.name)
-                    if key is None:
-                        continue
-                    if sample is None or sample["__key__"] != key:
-                        if sample is not None:
-                            yield sample
+                    if sample is None:
                         sample = {"__key__": key, "__url__": path}
+                    if _REFUSED in sample:
+                        continue  # the rest of a refused sample stays unread
+                    if member.issparse() or not 0 <= member.size <= cap:
+                        why = ("is sparse" if member.issparse()
+                               else f"is over data.max_member_mb ({max_member_mb:g} MB)")
+                        sample = {"__key__": key, "__url__": path,
+                                  _REFUSED: f"member '{member.name}' declares {member.size} bytes and {why}; not read"}
+                        continue
                     sample[ext.lower()] = tar.extractfile(member).read()
             if sample is not None:
                 yield sample
-        except (OSError, tarfile.TarError, EOFError) as e:
-            faults.add("bad_tar", path, e)  # the sample being read when it broke is dropped with the tar
+        except Exception as e:  # noqa: BLE001
+            # tarfile raises assorted types on crafted headers (ReadError, EOFError, IndexError from a cut-off
+            # sparse extension block, MemoryError as a last resort): each is a shard that could not be read to
+            # its end. The sample being read when it broke is dropped with the tar.
+            faults.add("bad_tar", path, e if isinstance(e, (OSError, tarfile.TarError)) else repr(e))
 
 
 def decode_samples(samples: Iterator[dict], num_classes: int, faults: FaultCounter) -> Iterator[dict]:
     for s in samples:
         where = f"{s['__url__']}:{s['__key__']}"
+        if _REFUSED in s:
+            faults.add("bad_image", where, s[_REFUSED])
+            continue
         try:
             label = int(s["cls"].decode("ascii").strip())
         except (KeyError, ValueError, UnicodeDecodeError) as e:
@@ -295,10 +330,12 @@ def epoch_shards(shards: list[str], seed: int, epoch: int, rank: int, world: int
 
 
 class _TrainShards(IterableDataset):
-    def __init__(self, shards, rank, world, batch_size, transform, num_classes, seed, shuffle_buffer):
+    def __init__(self, shards, rank, world, batch_size, transform, num_classes, seed, shuffle_buffer, *,
+                 max_member_mb=MAX_MEMBER_MB):
         super().__init__()
         self.shards, self.rank, self.world, self.batch_size = shards, rank, world, batch_size
         self.transform, self.num_classes, self.seed, self.shuffle_buffer = transform, num_classes, seed, shuffle_buffer
+        self.max_member_mb = max_member_mb
         self.start: dict[int, tuple[int, int]] = {}  # worker -> (epoch, samples taken): where to begin
 
     def _samples(self, worker: int, workers: int, faults: FaultCounter, position: Position) -> Iterator[dict]:
@@ -309,7 +346,7 @@ class _TrainShards(IterableDataset):
             position.epoch, position.taken = epoch, 0
             mine = epoch_shards(self.shards, self.seed, epoch, self.rank, self.world, worker, workers)
             seed = seed_string(self.seed, epoch, self.rank, worker)
-            raw = read_tars(mine, faults)
+            raw = read_tars(mine, faults, self.max_member_mb)
             # Shuffle raw bytes (small) before decoding, so the buffer never holds decoded images.
             raw = position.counted(wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer),
                                                rng=random.Random(seed))(raw))
@@ -346,10 +383,10 @@ class _TrainShards(IterableDataset):
 
 
 class _EvalShards(IterableDataset):
-    def __init__(self, shards, rank, world, batch_size, transform, num_classes):
+    def __init__(self, shards, rank, world, batch_size, transform, num_classes, *, max_member_mb=MAX_MEMBER_MB):
         super().__init__()
         self.shards, self.rank, self.world, self.batch_size = shards, rank, world, batch_size
-        self.transform, self.num_classes = transform, num_classes
+        self.transform, self.num_classes, self.max_member_mb = transform, num_classes, max_member_mb
 
     def __iter__(self):
         worker, workers = _worker_slot()
@@ -357,7 +394,7 @@ class _EvalShards(IterableDataset):
         mine = self.shards[self.rank :: self.world][worker::workers]
         return iter(
             wds.DataPipeline(
-                lambda: read_tars(mine, faults),
+                lambda: read_tars(mine, faults, self.max_member_mb),
                 partial(decode_samples, num_classes=self.num_classes, faults=faults),
                 partial(_transformed, transform=self.transform, seed=None),
                 partial(_batches, batch_size=self.batch_size, partial_last=True, worker=worker, faults=faults),
@@ -376,9 +413,12 @@ def _own_process_group(worker_id: int) -> None:  # noqa: ARG001
     """A DataLoader worker leaves its rank's process group: torchrun passes SIGTERM to each rank's whole group,
     and a worker killed by it would fail the rank before the rank could save its checkpoint. The worker still
     stops with its rank (the DataLoader shuts it down, and it exits by itself once its rank is gone).
-    Slurm's `--signal` reaches every process of a job step, workers included: they leave SIGUSR1 to the rank."""
+    Other launchers signal every process one by one (DeepSpeed's launch process terminates each rank's whole
+    process tree; Slurm's `--signal` reaches every process of a job step): a worker ignores every signal its rank
+    handles as a request to stop, and leaves the stopping to the rank."""
     os.setsid()
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _loader(dataset: IterableDataset, workers: int, pin_memory: bool, persistent: bool) -> DataLoader:
@@ -450,16 +490,19 @@ class TrainStream:
     `state_dict()` / `load_state_dict()`: the exact position after the latest batch, for a resume with the same
     shards, rank, world and workers. `start_epoch`: begin at the start of that epoch instead (a resume on
     another world size, where positions cannot carry over because the shards are dealt out differently).
+    `max_member_mb`: larger (and sparse) tar members are refused unread, their samples counted as bad_image.
     """
 
     def __init__(self, shards: list[str], *, rank: int, world: int, batch_size: int, transform: Transform,
                  num_classes: int, seed: int, workers: int, shuffle_buffer: int, pin_memory: bool = False,
-                 start_epoch: int = 0):
+                 start_epoch: int = 0, max_member_mb: float = MAX_MEMBER_MB):
         require_shards(shards, world, workers)
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} not in [0, {world})")
+        if not max_member_mb > 0:
+            raise ValueError(f"max_member_mb {max_member_mb} must be > 0")
         self._dataset = _TrainShards(list(shards), rank, world, batch_size, transform, num_classes, seed,
-                                     shuffle_buffer)
+                                     shuffle_buffer, max_member_mb=max_member_mb)
         self._dataset.start = {w: (start_epoch, 0) for w in range(max(workers, 1))}
         self._loader = _loader(self._dataset, workers, pin_memory, persistent=False)
         self._workers, self._world = workers, world
@@ -511,10 +554,13 @@ class EvalStream:
     """
 
     def __init__(self, shards: list[str], *, rank: int, world: int, batch_size: int, transform: Transform,
-                 num_classes: int, workers: int = 0, pin_memory: bool = False):
+                 num_classes: int, workers: int = 0, pin_memory: bool = False, max_member_mb: float = MAX_MEMBER_MB):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} not in [0, {world})")
-        dataset = _EvalShards(list(shards), rank, world, batch_size, transform, num_classes)
+        if not max_member_mb > 0:
+            raise ValueError(f"max_member_mb {max_member_mb} must be > 0")
+        dataset = _EvalShards(list(shards), rank, world, batch_size, transform, num_classes,
+                              max_member_mb=max_member_mb)
         self._loader = _loader(dataset, workers, pin_memory, persistent=True)  # no worker start-up per pass
         self._workers = workers
         self._progress = _Progress()

@@ -2,7 +2,7 @@
 
 On-disk format (one directory per data set):
   {split}-{i:06d}.tar  members KEY.png or KEY.jpg (encoded image bytes) and KEY.cls (decimal label, ASCII)
-  sizes.json           {"train-000000.tar": 250, ...}: sample count per shard, all splits
+  sizes.json           {"train-000000.tar": 250, ...}: sample count per shard, all splits (read_sizes checks it)
   classes.json         ["name0", "name1", ...]: class names, index = label
 
 CLI:  python -m spt_dist.data.shards folder --src DIR --out DIR [--split train] ...
@@ -89,6 +89,42 @@ def read_json(path: str, default=None):
         raise UserError(f"{path}: cannot read JSON ({e})") from None
 
 
+# The fewest bytes a sample takes in a tar: two members (image, label) of at least a 512-byte header each.
+_MIN_SAMPLE_BYTES = 1024
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_sizes(directory: str, replacing: re.Pattern | None = None) -> dict[str, int]:
+    """sizes.json in `directory` ({shard file name: sample count}; {} if there is none), every entry checked:
+    a JSON integer >= 0, and no more than its shard file (where it exists) can hold. The counts decide the epoch
+    length, so a wrong one would end a run untrained (negative) or never (1e12). `replacing`: entries whose
+    names match are left out unchecked (the shard tool is about to replace them)."""
+    path = os.path.join(directory, SIZES_FILE)
+    sizes = read_json(path, {})
+    if not isinstance(sizes, dict):
+        raise UserError(f"{path}: must be a JSON object {{shard file name: sample count}}, not a "
+                        f"{type(sizes).__name__}")
+    checked: dict[str, int] = {}
+    for name, count in sizes.items():
+        if replacing is not None and replacing.match(name):
+            continue
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise UserError(f"{path}: shard {_short(name)}: sample count {_short(count)} is not an integer >= 0")
+        try:
+            size = os.stat(os.path.join(directory, name)).st_size
+        except (OSError, ValueError):  # not there (another node's copy may hold only some splits): unchecked
+            size = None
+        if size is not None and count > size // _MIN_SAMPLE_BYTES:
+            raise UserError(f"{path}: shard {_short(name)}: sample count {_short(count)} cannot fit in its {size} "
+                            f"bytes (at most {size // _MIN_SAMPLE_BYTES})")
+        checked[name] = count
+    return checked
+
+
 def shard_sizes(total: int, samples_per_shard: int | None = None, num_shards: int | None = None) -> list[int]:
     """Samples in each shard of a split of `total`: `samples_per_shard` each (the last one takes the rest), or
     exactly `num_shards` shards as even as possible (a run needs at least ranks x loader workers train shards)."""
@@ -114,6 +150,8 @@ def write_split(samples: Iterable[Sample], out_dir: str, split: str, sizes: list
         raise UserError(f"--split: {split!r} must be letters, digits or '_'")
     if not sizes:
         raise UserError(f"split '{split}': no samples to write")
+    ours = re.compile(rf"^{split}-\d{{6}}\.tar$")
+    read_sizes(out_dir, replacing=ours)  # a broken sizes.json stops the tool before it writes anything
     os.makedirs(out_dir, exist_ok=True)
     shard_sizes_written: dict[str, int] = {}
     stream = iter(samples)
@@ -129,11 +167,10 @@ def write_split(samples: Iterable[Sample], out_dir: str, split: str, sizes: list
     if next(stream, None) is not None:
         raise ValueError(f"split '{split}': more samples than the {sum(sizes)} planned")
 
-    ours = re.compile(rf"^{split}-\d{{6}}\.tar$")
     for stale in sorted(n for n in os.listdir(out_dir) if ours.match(n) and n not in shard_sizes_written):
         os.unlink(os.path.join(out_dir, stale))
     sizes_path = os.path.join(out_dir, SIZES_FILE)
-    merged = {k: v for k, v in read_json(sizes_path, {}).items() if not ours.match(k)}
+    merged = read_sizes(out_dir, replacing=ours)  # read again: another split may have been written meanwhile
     merged.update(shard_sizes_written)
     write_json(sizes_path, dict(sorted(merged.items())))
     return list(shard_sizes_written)
@@ -189,7 +226,7 @@ def write_image_split(out: str, split: str, classes: list[str], samples: ImageSa
                       source: str) -> None:
     """Shard one split (`sizes`: see shard_sizes) and write classes.json; `source` names the input in errors."""
     existing = read_json(os.path.join(out, CLASSES_FILE), None)
-    other_splits = [k for k in read_json(os.path.join(out, SIZES_FILE), {}) if not k.startswith(f"{split}-")]
+    other_splits = list(read_sizes(out, replacing=re.compile(rf"^{re.escape(split)}-")))
     # Labels are indices into classes.json: another split written with different classes would be mislabelled.
     if existing is not None and existing != classes and other_splits:
         raise UserError(f"{source}: classes differ from {os.path.join(out, CLASSES_FILE)} "
@@ -512,7 +549,7 @@ def _cmd_synthetic(args: argparse.Namespace) -> None:
 
 
 def _report(out: str, split: str, names: list[str]) -> None:
-    sizes = read_json(os.path.join(out, SIZES_FILE), {})
+    sizes = read_sizes(out)
     total = sum(sizes[n] for n in names)
     print(f"{split}: {total} samples in {len(names)} shards {out}/{split}-{{000000..{len(names) - 1:06d}}}.tar")
 

@@ -83,6 +83,13 @@ class Engine(ABC):
         rank 0 at least)."""
 
     @abstractmethod
+    def local_state(self) -> tuple[dict[str, torch.Tensor], dict[str, list], int]:
+        """This rank's own shard of the trainable state, gathering nothing (a sharded checkpoint): ({'<name>/param',
+        '<name>/exp_avg', '<name>/exp_avg_sq': 1-D fp32 CPU tensors}, {name: [flat offset, full shape]}, the
+        optimizer's step count). Shards of all ranks cover every trainable parameter exactly once; AdamW state is
+        left out before the first step."""
+
+    @abstractmethod
     def load_optimizer_state(self, state: dict[str, dict[str, torch.Tensor]], step: int) -> None:
         """Collective: the inverse of `optimizer_state`, into this engine's shards (every rank passes all of it)."""
 

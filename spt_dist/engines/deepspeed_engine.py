@@ -9,8 +9,9 @@ from collections.abc import Iterator
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_get_local_grad,
-                             safe_set_full_fp32_param, safe_set_full_optimizer_state)
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_get_local_fp32_param,
+                             safe_get_local_grad, safe_get_local_optimizer_state, safe_set_full_fp32_param,
+                             safe_set_full_optimizer_state)
 from torch import nn
 
 from spt_dist.engines.base import ADAM_STATE, Engine, EngineSpec
@@ -40,7 +41,6 @@ class DeepSpeedEngine(Engine):
             config=config)
         self.module = self._engine
         self.input_dtype = torch.bfloat16 if bf16 else torch.float32
-        self._stage = spec.engine.zero_stage
 
     def backward(self, loss: torch.Tensor) -> None:
         self._engine.backward(loss)
@@ -50,33 +50,42 @@ class DeepSpeedEngine(Engine):
         self._engine.step()
         return boundary
 
+    @staticmethod
+    def _own_part(param: nn.Parameter, rank: int, world: int) -> tuple[str, int, int] | None:
+        """Where this rank's own part of a trainable parameter lies: (how it is held, flat start, entries), or
+        None when it holds none. `zero3`: its flat partition of ceil(numel / world) entries, zero-padded at the
+        end; `fragment` (ZeRO-1/2 and the bf16 optimizer): the parameter's fragment inside this rank's flat
+        optimizer partition; `slice` (ZeRO-0 in fp32: every rank holds it all): an equal slice each."""
+        if hasattr(param, "ds_id"):
+            size = param.ds_tensor.ds_numel
+            start = min(rank * size, param.ds_numel)
+            return "zero3", start, max(0, min(size, param.ds_numel - start))
+        if hasattr(param, "_hp_mapping"):
+            if param._hp_mapping is None:
+                return None
+            address = param._hp_mapping.lp_fragment_address
+            return "fragment", address.start, address.numel
+        size = math.ceil(param.numel() / world)
+        start = min(rank * size, param.numel())
+        return "slice", start, max(0, min(size, param.numel() - start))
+
     def local_gradients(self) -> Iterator[tuple[str, int, torch.Tensor]]:
         rank, world = dist.get_rank(), dist.get_world_size()
         for name, param in self._engine.module.named_parameters():
-            if not param.requires_grad:
+            own = self._own_part(param, rank, world) if param.requires_grad else None
+            if own is None:
                 continue
-            if hasattr(param, "ds_id"):
-                # ZeRO-3: this rank's flat partition of ceil(numel / world) entries, zero-padded at the end.
-                size = param.ds_tensor.ds_numel
-                start = min(rank * size, param.ds_numel)
-                grad = safe_get_local_grad(param).view(-1)[: max(0, min(size, param.ds_numel - start))]
-                yield name, start, grad
-            elif self._stage in (1, 2):
-                # ZeRO-1/2: the fragment of the parameter inside this rank's flat optimizer partition (the
-                # same view deepspeed's safe_get_full_grad reads before its all-reduce). None: no fragment here.
-                mapping = param._hp_mapping
-                if mapping is None:
-                    continue
-                address = mapping.lp_fragment_address
-                grad = mapping.get_lp_grad_fragment(param._index_in_param_group).reshape(-1)
-                if grad.numel() == param.numel() and address.numel != param.numel():
-                    grad = grad.narrow(0, address.start, address.numel)
-                yield name, address.start, grad.float()
-            else:
-                # ZeRO-0: every rank holds the whole all-reduced gradient; each takes an equal slice of it.
-                size = math.ceil(param.numel() / world)
-                start = min(rank * size, param.numel())
-                yield name, start, param.grad.view(-1)[start : start + size].float()
+            kind, start, count = own
+            if kind == "zero3":
+                grad = safe_get_local_grad(param).view(-1)[:count]
+            elif kind == "fragment":
+                # The same view deepspeed's safe_get_full_grad reads before its all-reduce.
+                grad = param._hp_mapping.get_lp_grad_fragment(param._index_in_param_group).reshape(-1)
+                if grad.numel() == param.numel() and count != param.numel():
+                    grad = grad.narrow(0, start, count)
+            else:  # every rank holds the whole all-reduced gradient
+                grad = param.grad.view(-1)[start : start + count]
+            yield name, start, grad.float()
 
     def lr(self) -> float:
         return self._scheduler.get_last_lr()[0]
@@ -133,6 +142,36 @@ class DeepSpeedEngine(Engine):
             else:  # ZeRO-0 in fp32: the client optimizer steps the module's own parameters
                 out[name] = {k: client.state[param][k].float().cpu().clone() for k in ADAM_STATE}
         return out, _step_count(client)
+
+    def local_state(self) -> tuple[dict[str, torch.Tensor], dict[str, list], int]:
+        """The fp32 master weights and AdamW state of this rank's own part of each parameter (`_own_part`)."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        client = self.optimizer()
+        stepped = bool(client.state)
+        if stepped:
+            self._link_state_fragments()
+        tensors, layout = {}, {}
+        for name, param in self._engine.module.named_parameters():
+            own = self._own_part(param, rank, world) if param.requires_grad else None
+            if own is None or own[2] == 0:
+                continue
+            kind, start, count = own
+            if kind == "zero3":
+                parts = {"param": safe_get_local_fp32_param(param)}
+                if stepped:
+                    parts.update({k: safe_get_local_optimizer_state(param, k) for k in ADAM_STATE})
+            elif kind == "fragment":
+                parts = {"param": param._hp_mapping.get_hp_fragment()}
+                if stepped:
+                    parts.update({k: param._hp_mapping.get_optim_state_fragment(k) for k in ADAM_STATE})
+            else:
+                parts = {"param": param.detach()}
+                if stepped:
+                    parts.update({k: client.state[param][k] for k in ADAM_STATE})
+                parts = {k: v.reshape(-1)[start:] for k, v in parts.items()}
+            layout[name] = [start, list(param.ds_shape if kind == "zero3" else param.shape)]
+            tensors.update({f"{name}/{k}": v.reshape(-1)[:count].float().cpu().clone() for k, v in parts.items()})
+        return tensors, layout, _step_count(client) if stepped else 0
 
     def load_optimizer_state(self, state: dict[str, dict[str, torch.Tensor]], step: int) -> None:
         client = self.optimizer()

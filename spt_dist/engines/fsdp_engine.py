@@ -104,6 +104,27 @@ class FSDPEngine(Engine):
                 steps = max(steps, int(state["step"]))
         return out, steps
 
+    def local_state(self) -> tuple[dict[str, torch.Tensor], dict[str, list], int]:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        tensors, layout, steps = {}, {}, 0
+        for name, param in self._sharded_parameters():
+            if not param.requires_grad:
+                continue
+            if not isinstance(param, DTensor) and rank:  # not sharded: rank 0 saves it
+                continue
+            rows = param.shape[0]  # FSDP2 shards dim 0 like torch.chunk (see local_gradients)
+            first_row = min(rank * math.ceil(rows / world), rows) if isinstance(param, DTensor) else 0
+            local = _local(param)
+            if local.numel() == 0:
+                continue
+            layout[name] = [first_row * (param.numel() // rows), list(param.shape)]
+            tensors[f"{name}/param"] = local.detach().reshape(-1).float().cpu()
+            state = self._optimizer.state.get(param)
+            if state:
+                tensors.update({f"{name}/{k}": _local(state[k]).reshape(-1).float().cpu() for k in ADAM_STATE})
+                steps = max(steps, int(state["step"]))
+        return tensors, layout, steps
+
     def load_optimizer_state(self, state: dict[str, dict[str, torch.Tensor]], step: int) -> None:
         for name, param in self._sharded_parameters():
             if not param.requires_grad:
@@ -118,6 +139,10 @@ class FSDPEngine(Engine):
                     slot[key] = full.clone()
         self._micro_step = 0  # checkpoints are taken at accumulation boundaries
         self._set_sync()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from spt_dist.errors import UserError
+from spt_dist.peft import fingerprint
 from spt_dist.peft.tuned import Tuned, tune
 from spt_dist.selection.allocation import Allocation
 from spt_dist.selection.layout import build_layout
@@ -139,7 +140,15 @@ def apply_allocation(model: nn.Module, record: dict, indices: dict[str, torch.Te
     if record["method"] == "spt" and getattr(model, "cls_token", None) is not None:
         model.cls_token.requires_grad_(True)
     model.get_classifier().requires_grad_(True)
+    record_base_fingerprint(model)
     return model
+
+
+def record_base_fingerprint(model: nn.Module) -> None:
+    """Keeps with the model the fingerprint of the frozen base its artifact will be merged onto, computed now,
+    while the model is still whole (an engine shards it later; `save_pretrained` writes it)."""
+    state = model.state_dict()
+    fingerprint.record(model, fingerprint.base_fingerprint(state, trainable_state(state, model)))
 
 
 def describe(model: nn.Module) -> dict:

@@ -25,7 +25,7 @@ from spt_dist.errors import UserError
 class CalibrationBatches:
     def __init__(self, shards: list[str], *, rank: int, world: int, batch_size: int, micro_batch_size: int,
                  batches: int, transform: Callable, views: int, augment_seed: int | None, shuffle_seed: int | None,
-                 shuffle_buffer: int, num_classes: int) -> None:
+                 shuffle_buffer: int, num_classes: int, max_member_mb: float = 64.0) -> None:
         if batch_size % (world * micro_batch_size):
             raise UserError(f"selection.batch_size: {batch_size} is not a multiple of {world} ranks x "
                             f"selection.micro_batch_size {micro_batch_size}")
@@ -34,13 +34,13 @@ class CalibrationBatches:
         self.accumulation = batch_size // (world * micro_batch_size)
         self.transform, self.views, self.augment_seed = transform, views, augment_seed
         self.shuffle_seed, self.shuffle_buffer, self.num_classes = shuffle_seed, shuffle_buffer, num_classes
-        self.faults = FaultCounter()
+        self.faults, self.max_member_mb = FaultCounter(), max_member_mb
 
     def _samples(self) -> Iterator[dict]:
         shards = list(self.shards)
         if self.shuffle_seed is not None:
             random.Random(seed_string("calibration", self.shuffle_seed)).shuffle(shards)
-        raw = read_tars(shards, self.faults)
+        raw = read_tars(shards, self.faults, self.max_member_mb)
         if self.shuffle_seed is not None:
             raw = wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer),
                               rng=random.Random(seed_string("calibration-buffer", self.shuffle_seed)))(raw)

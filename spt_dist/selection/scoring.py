@@ -12,6 +12,7 @@ of the model and the calibration batches, the same on every engine and world siz
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -144,7 +145,7 @@ def prepare_score_pass(cfg: Config, data: Dataset, dist_info: DistInfo) -> Score
         data.train_shards, rank=rank, world=world, batch_size=sel.batch_size, micro_batch_size=micro,
         batches=batches, transform=transform, views=views, augment_seed=cfg.seed if sel.augmented else None,
         shuffle_seed=cfg.seed if sel.shuffled else None, shuffle_buffer=cfg.data.shuffle_buffer,
-        num_classes=data.num_classes)
+        num_classes=data.num_classes, max_member_mb=cfg.data.max_member_mb)
 
     engine = build_score_engine(model, cfg.engine, cfg.optim, micro, stream.accumulation, dist_info.device)
     return ScoreSetup(engine, layout, stream, score_loss_fn(sel, views, world), batches)
@@ -182,9 +183,14 @@ def run_score_pass(cfg: Config, data: Dataset, dist_info: DistInfo, say=print, r
         f"{layout.scored_params:,} entries scored")
     scores, done, loss_sum = LocalScores(), 0, 0.0
     # What partial scores must share to be continued: the same batches, the same shards of the same tensors.
-    identity = {"method": sel.method, "loss": sel.score_loss, "model": cfg.model.name, "batches": batches,
-                "batch_size": sel.batch_size, "micro_batch_size": stream.micro_batch_size, "seed": cfg.seed,
-                "engine": cfg.engine.kind, "zero_stage": cfg.engine.zero_stage}
+    # Everything that decides a gradient: the model and its weights, the images (shards, order, transforms,
+    # resolution) and the loss; and what decides which rank holds which shard of which tensor.
+    identity = {"method": sel.method, "loss": sel.score_loss, "temperature": sel.temperature,
+                "model": dataclasses.asdict(cfg.model), "num_classes": data.num_classes,
+                "shards": [os.path.abspath(s) for s in data.train_shards], "shuffle": sel.shuffled,
+                "augment": sel.augmented, "shuffle_buffer": cfg.data.shuffle_buffer, "crop_pct": cfg.data.crop_pct,
+                "batches": batches, "batch_size": sel.batch_size, "micro_batch_size": stream.micro_batch_size,
+                "seed": cfg.seed, "engine": cfg.engine.kind, "zero_stage": cfg.engine.zero_stage}
     if resume and run_dir:
         partial = load_partial_scores(run_dir, dist_info.rank, world, dist_info.device)
         usable = partial is not None and partial[1]["identity"] == identity
@@ -193,7 +199,8 @@ def run_score_pass(cfg: Config, data: Dataset, dist_info: DistInfo, say=print, r
             done, loss_sum = progress["done"], progress["loss_sum"]
             say(f"score pass: continuing from the partial scores after batch {done}/{batches}")
         elif all_reduce_sum([float(partial is not None)])[0]:
-            say("score pass: the partial scores are of another pass (setting, world size or engine): starting over")
+            say("score pass: the partial scores are of another pass (model, data, setting, world size or engine): "
+                "starting over")
     start, every = time.perf_counter(), sel.checkpoint_every
     preemption = Preemption()
     try:
