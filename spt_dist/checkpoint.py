@@ -269,10 +269,11 @@ class Checkpoint:
             return "state.json's 'files' is not a table of checksums"
         for name, digest in files.items():
             path = os.path.join(self.directory, name)
-            if os.path.dirname(name) or not os.path.isfile(path):
-                return f"{name} is missing"
-            if file_digest(path) != digest:
-                return f"{name} does not match its checksum"
+            try:
+                if os.path.dirname(name) or file_digest(path) != digest:
+                    return f"{name} does not match its checksum"
+            except OSError:  # gone (e.g. pruned by the job that wrote it) or unreadable
+                return f"{name} is missing or unreadable"
         return None
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -243,6 +244,9 @@ class OutputConfig:
     # sharded: each rank saves its own shard of the trainable weights and AdamW state (nothing gathered);
     # consolidated: full tensors in one file (rank 0); auto: sharded when that state passes 1 GiB on 2+ ranks.
     checkpoint_format: Literal["auto", "consolidated", "sharded"] = "auto"
+    # A training run started without --resume where one has trained before (checkpoints, logs, metrics, weights):
+    # false refuses it (one line); true removes those outputs first. The selection (scores, allocation) is kept.
+    overwrite: bool = False
     log_samples: bool = False  # write each step's sample keys per rank to samples/rank_RRRRR.txt (data audits)
     progress: bool = True
     peak_tflops: float | None = None  # a device's peak TFLOP/s for MFU; None: known GPUs by name (none on CPU)
@@ -319,7 +323,34 @@ def _inside(name: str) -> bool:
 
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
-        raise UserError(f"{key}: {why} (got {value!r})")
+        raise UserError(f"{key}: {why} (got {short_repr(value)})")
+
+
+def short_repr(value: Any) -> str:
+    """repr() cut to a line's worth: a message names a value, it does not print a crafted one whole."""
+    text = _REPR.repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 6, 6, 60, 60
+
+
+class NoAliasLoader(yaml.SafeLoader):
+    """YAML's safe loader without anchors and aliases (&a / *a): a config never needs them, and a few nested
+    aliases (a "billion laughs" file) expand to more values than any machine holds."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor}: aliases are not allowed here",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(stream) -> Any:
+    """yaml.safe_load without aliases (NoAliasLoader)."""
+    return yaml.load(stream, Loader=NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def load_config(paths: str | list[str] | tuple[str, ...] | None = None,
@@ -343,10 +374,10 @@ def load_config(paths: str | list[str] | tuple[str, ...] | None = None,
 def _parse_value(key: str, text: str) -> Any:
     """An override's value as YAML (safe: plain values, lists, mappings; no tags that build objects)."""
     try:
-        return yaml.safe_load(text)
+        return safe_yaml(text)
     except yaml.YAMLError as e:
         why = " ".join(str(getattr(e, "problem", None) or "not valid YAML").split())
-        raise UserError(f"{key}: cannot read the value {text!r} ({why})") from None
+        raise UserError(f"{key}: cannot read the value {short_repr(text)} ({why})") from None
     except RecursionError:
         raise UserError(f"{key}: cannot read the value: nested too deeply") from None
 
@@ -354,7 +385,7 @@ def _parse_value(key: str, text: str) -> Any:
 def _read_yaml(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
+            raw = safe_yaml(f) or {}
     except (FileNotFoundError, IsADirectoryError):
         raise UserError(f"--config: no such file '{path}'") from None
     except UnicodeDecodeError:
@@ -366,7 +397,8 @@ def _read_yaml(path: str) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"--config: '{path}'{where} is not valid YAML") from None
+        why = getattr(e, "problem", None) or ""
+        raise UserError(f"--config: '{path}'{where} is not valid YAML{f' ({why})' if why else ''}") from None
     if not isinstance(raw, dict):
         raise UserError(f"--config: '{path}' must hold a mapping of sections, not {type(raw).__name__}")
     return raw
@@ -407,7 +439,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "config"
     if not isinstance(raw, dict):
-        raise UserError(f"{where}: expected a section (mapping), got {type(raw).__name__} {raw!r}")
+        raise UserError(f"{where}: expected a section (mapping), got {type(raw).__name__} {short_repr(raw)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields), key=str)  # a YAML key may be a number or null
@@ -436,11 +468,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return _coerce(value, inner[0], key)
     if origin is Literal:
         if value not in args:
-            raise UserError(f"{key}: must be one of {', '.join(map(str, args))} (got {value!r})")
+            raise UserError(f"{key}: must be one of {', '.join(map(str, args))} (got {short_repr(value)})")
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise UserError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            raise UserError(f"{key}: expected a list, got {type(value).__name__} {short_repr(value)}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if hint in (int, float) and isinstance(value, int) and not isinstance(value, bool) and \
             not -_INT_LIMIT <= value < _INT_LIMIT:
@@ -452,13 +484,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         try:
             value = float(value)
         except ValueError:
-            raise UserError(f"{key}: expected a number, got {value!r}") from None
+            raise UserError(f"{key}: expected a number, got {short_repr(value)}") from None
     if hint is float and isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"{key}: expected a finite number, got {value!r}")
+        raise UserError(f"{key}: expected a finite number, got {short_repr(value)}")
     if hint is bool and not isinstance(value, bool):
-        raise UserError(f"{key}: expected true or false, got {value!r}")
+        raise UserError(f"{key}: expected true or false, got {short_repr(value)}")
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise UserError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        raise UserError(f"{key}: expected an integer, got {type(value).__name__} {short_repr(value)}")
     if not isinstance(value, hint):
-        raise UserError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+        raise UserError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {short_repr(value)}")
     return value

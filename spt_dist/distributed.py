@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -128,6 +130,7 @@ def all_gather_float(value: float) -> list[float]:
 # --------------------------------------------------------------------------- a user error on some ranks only
 
 _ERROR_KEY = "spt_dist/error/{}"
+_SEEN_KEY = "spt_dist/seen/{}"  # a rank has read another's error and is going
 
 
 def _default_store():
@@ -139,44 +142,91 @@ def _default_store():
         return None
 
 
-def should_say_error(message: str, wait_s: float = 2.0) -> bool:
-    """After a user error on this rank: whether this rank should print it. Posts it in the job's store, so that
-    ranks whose collectives then fail can tell why (`error_of_another_rank`). Rank 0 always says its own; another
-    rank says its own unless rank 0 posts the same message within `wait_s` (every rank met the same mistake:
-    one line). Without a process group every rank holds the same config, so rank 0 speaks for all."""
-    store = _default_store()
-    if store is None:
-        return int(os.environ.get("RANK", "0")) == 0
-    me = rank()
-    try:
-        store.set(_ERROR_KEY.format(me), message)
-        if me == 0:
-            return True
-        key, deadline = _ERROR_KEY.format(0), time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            if store.check([key]):
-                return store.get(key).decode() != message
-            time.sleep(0.05)
-    except (RuntimeError, ValueError):  # the store went with its host: say it here
-        pass
-    return True
+class ErrorExchange:
+    """How the ranks of a job end on a user error only some of them meet (a file only one rank reads or writes):
+    the rank that meets it posts it in the job's store and says it; the others, whichever collective they wait
+    in, see it posted (a watcher thread, every half second), say nothing and exit too (status 2). When every rank
+    meets the same mistake, rank 0 alone says it. Rank 0 may host the store (deepspeed launcher, srun): after its
+    own error it waits until the others have seen it before it exits (`hand_over`). No-op on one rank."""
+
+    def __init__(self, poll_s: float = 0.5) -> None:
+        self.store, self.me, self.world = _default_store(), rank(), world_size()
+        self.own = False  # this rank met an error of its own: its watcher stands down
+        if self.store is not None and self.world > 1:
+            threading.Thread(target=self._watch, args=(poll_s,), daemon=True, name="spt_dist-errors").start()
+
+    def _others(self) -> dict[int, str]:
+        return {r: _ERROR_KEY.format(r) for r in range(self.world) if r != self.me}
+
+    def _watch(self, poll_s: float) -> None:
+        keys = self._others()
+        try:
+            while not self.own:
+                if any(self.store.check([key]) for key in keys.values()) and not self.own:
+                    self.store.set(_SEEN_KEY.format(self.me), "1")
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(2)  # the rank that met the error says why; nothing here is worth saving
+                time.sleep(poll_s)
+        except (RuntimeError, ValueError):  # the store went with its host (rank 0 ended): nothing to watch
+            return
+
+    def should_say(self, message: str, wait_s: float = 2.0) -> bool:
+        """Posts this rank's error; whether this rank should print it: rank 0 always, another rank unless rank 0
+        posts the same message within `wait_s`."""
+        self.own = True
+        if self.store is None:
+            return self.me == 0
+        try:
+            self.store.set(_ERROR_KEY.format(self.me), message)
+            if self.me == 0:
+                return True
+            key, deadline = _ERROR_KEY.format(0), time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                if self.store.check([key]):
+                    self.store.set(_SEEN_KEY.format(self.me), "1")
+                    return self.store.get(key).decode() != message
+                time.sleep(0.05)
+        except (RuntimeError, ValueError):  # the store went with its host: say it here
+            pass
+        return True
+
+    def hand_over(self, wait_s: float = 10.0) -> None:
+        """Rank 0, after its own error: keep the store up until every other rank has seen it (or `wait_s`)."""
+        if self.store is None or self.me != 0 or self.world == 1:
+            return
+        deadline = time.monotonic() + wait_s
+        try:
+            while time.monotonic() < deadline:
+                if all(self.store.check([_SEEN_KEY.format(r)]) for r in range(1, self.world)):
+                    return
+                time.sleep(0.05)
+        except (RuntimeError, ValueError):
+            pass
+
+    def of_another_rank(self, wait_s: float = 5.0) -> tuple[int, str] | None:
+        """(rank, message) of an error another rank posted, waiting up to `wait_s`: for a rank whose collective
+        failed before its watcher saw the error."""
+        if self.store is None:
+            return None
+        deadline = time.monotonic() + wait_s
+        try:
+            while True:
+                for r, key in self._others().items():
+                    if self.store.check([key]):
+                        return r, self.store.get(key).decode()
+                if time.monotonic() >= deadline:
+                    return None
+                time.sleep(0.05)
+        except (RuntimeError, ValueError):
+            return None
 
 
-def error_of_another_rank(wait_s: float = 5.0) -> tuple[int, str] | None:
-    """(rank, message) of a user error another rank posted (see should_say_error), waiting up to `wait_s` for one
-    to appear; None if none did. For a rank whose collective failed because a peer stopped on that error."""
-    store, me = _default_store(), rank()
-    if store is None:
-        return None
-    keys = {r: _ERROR_KEY.format(r) for r in range(world_size()) if r != me}
-    deadline = time.monotonic() + wait_s
-    try:
-        while True:
-            for r, key in keys.items():
-                if store.check([key]):
-                    return r, store.get(key).decode()
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(0.05)
-    except (RuntimeError, ValueError):
-        return None
+_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+         "NCCL communicator was aborted")
+
+
+def lost_peers(error: BaseException) -> bool:
+    """Whether `error` is a collective's failure because another rank went away."""
+    return isinstance(error, getattr(dist, "DistNetworkError", ())) or \
+        (isinstance(error, RuntimeError) and any(what in str(error) for what in _LOST))

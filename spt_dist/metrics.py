@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import sys
 import time
 
 import torch
@@ -63,13 +64,16 @@ class RunLogger:
         """`purge_step`: a resumed run's first step; TensorBoard hides what an interrupted run logged from there."""
         self._writer = None
         self._bar = None
+        self._lines = False  # progress as plain lines (output to a file: a bar there is a wall of '\r')
+        self._step, self._total = initial_step, total_steps
         if tb_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
             self._writer = SummaryWriter(tb_dir, purge_step=purge_step)
-            if show_progress:
+            if show_progress and sys.stderr.isatty():
                 from tqdm import tqdm
                 self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
                                  dynamic_ncols=True)
+            self._lines = show_progress and self._bar is None
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self._writer is not None:
@@ -86,10 +90,14 @@ class RunLogger:
             self._writer.add_figure(tag, figure, step, close=True)
 
     def progress(self, steps: int, postfix: dict[str, str] | None = None) -> None:
+        """`steps` more steps done; `postfix`: the latest figures (a plain line each time, without a terminal)."""
+        self._step += steps
         if self._bar is not None:
             self._bar.update(steps)
             if postfix:
                 self._bar.set_postfix(postfix, refresh=False)
+        elif self._lines and postfix:
+            print(f"step {self._step}/{self._total}: " + ", ".join(f"{k} {v}" for k, v in postfix.items()), flush=True)
 
     def write(self, line: str) -> None:
         """Prints on rank 0 without breaking the progress bar."""

@@ -1,7 +1,8 @@
 """Preemption: SIGTERM (a scheduler's kill, forwarded by torchrun and DeepSpeed's launcher), SIGUSR1 (Slurm's
 `--signal`) or SIGINT (Ctrl-C) asks the run to stop. The handler only sets a flag; the trainer reads it at the next
 step boundary and during evaluation, the score pass after each batch, all ranks together (one of them may have
-been signalled first); they save and exit cleanly.
+been signalled first); they save and exit cleanly. A second stop signal ends the process at once, as it would
+without us (for a start-up or a collective that hangs).
 
 The handlers are installed once per process, as early as the entry point can (`install()`), so a signal during
 start-up is kept too and ends the run at its first step boundary instead of killing it half-built.
@@ -20,6 +21,9 @@ import threading
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 _DEEPSPEED_LAUNCH = "deepspeed.launcher.launch"
+# The launchers whose exit ends their ranks' job (a rank another program started is not watched: a shell script
+# that starts ranks in the background may well end before they do).
+_LAUNCHERS = ("torch.distributed.run", "torchrun", _DEEPSPEED_LAUNCH, "slurmstepd")
 
 
 def _parent_of(pid: int) -> int | None:
@@ -42,16 +46,19 @@ def _cmdline(pid: int) -> str:
 class _LauncherWatch:
     """Notices that the launcher above this rank is gone: its parent (torchrun, DeepSpeed's launch process,
     slurmstepd) changed, or, under DeepSpeed's launch process, that process's own parent (the `deepspeed`
-    command) changed. Only for ranks a launcher started (LOCAL_RANK set): a plain run may outlive its shell."""
+    command) changed. Only for ranks one of those started: a plain run may outlive its shell."""
 
     def __init__(self) -> None:
         self.watched: list[tuple[int, int]] = []  # (pid, its parent when we started)
-        if "LOCAL_RANK" not in os.environ or not os.path.isdir("/proc"):
+        if not os.path.isdir("/proc"):
             return
         me, parent = os.getpid(), os.getppid()
+        launcher = _cmdline(parent)
+        if not any(name in launcher for name in _LAUNCHERS):
+            return
         self.watched.append((me, parent))
         grandparent = _parent_of(parent)
-        if grandparent and grandparent > 1 and _DEEPSPEED_LAUNCH in _cmdline(parent):
+        if grandparent and grandparent > 1 and _DEEPSPEED_LAUNCH in launcher:
             self.watched.append((parent, grandparent))
 
     def gone(self) -> str | None:
@@ -64,10 +71,18 @@ class _LauncherWatch:
 class _Flag:
     def __init__(self) -> None:
         self.received: str | None = None
+        self.signalled = False
         self.previous: dict = {}
         self.watch: _LauncherWatch | None = None
 
     def handle(self, signum, frame) -> None:  # noqa: ARG002
+        if self.signalled:
+            # A second stop signal: stop at once, as without our handler (a start-up stuck waiting for its peers,
+            # a collective waiting for a dead one or a save that hangs would otherwise ignore every signal).
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signalled = True
         self.received = signal.Signals(signum).name
 
 
@@ -87,7 +102,7 @@ def uninstall() -> None:
     """Restore the previous handlers and forget what was received (a library user's next run starts afresh)."""
     for sig, handler in _FLAG.previous.items():
         signal.signal(sig, handler)
-    _FLAG.previous, _FLAG.watch, _FLAG.received = {}, None, None
+    _FLAG.previous, _FLAG.watch, _FLAG.received, _FLAG.signalled = {}, None, None, False
 
 
 class Preemption:

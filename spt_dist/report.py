@@ -233,33 +233,40 @@ def _save_figure(figure, path: str) -> None:
         figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
-def _log_x(axis) -> None:
-    """A log x axis labelled with plain numbers (0.5, 1, 2), not powers of ten."""
-    from matplotlib.ticker import FuncFormatter  # noqa: PLC0415
+def _log_x(axis, values: list[float]) -> None:
+    """A log x axis with a tick at each value plotted, labelled with plain numbers (0.5, 1, 2), not powers of
+    ten; no minor labels (they overlap), long labels slanted."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter  # noqa: PLC0415
 
     axis.set_xscale("log")
-    plain = FuncFormatter(lambda x, _: f"{x:g}")
-    axis.xaxis.set_major_formatter(plain)
-    axis.xaxis.set_minor_formatter(plain)
+    axis.xaxis.set_major_locator(FixedLocator(sorted(set(values))))
+    axis.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:.3g}"))
+    axis.xaxis.set_minor_formatter(NullFormatter())
+    axis.tick_params(axis="x", labelrotation=30)
 
 
 def plot_accuracy_vs_budget(summary: list[dict], path: str) -> None:
-    """Top-1 against trainable % (log scale), one line per backbone × method, one point per budget: top-1 and
-    trainable % averaged over tasks and world sizes (each task's head differs, so its trainable % does too)."""
+    """Top-1 against trainable % (log scale), one line per backbone × method × world size (kept apart, as in
+    summary.md), one point per budget: top-1 and trainable % averaged over tasks (each task's head differs, so
+    its trainable % does too)."""
     import matplotlib  # noqa: PLC0415 - plotting only when asked
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    points: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    points: dict[tuple[str, str, int], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for e in summary:
         if e["top1"] is not None and e["trainable_pct"]:
-            points[(e["backbone"], e["method"])][str(e["budget"])].append(e)
+            points[(e["backbone"], e["method"], e.get("world_size") or 1)][str(e["budget"])].append(e)
+    several_sizes = len({world for _, _, world in points}) > 1
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for (backbone, method), by_budget in sorted(points.items()):
+    xs = []
+    for (backbone, method, world), by_budget in sorted(points.items()):
         xy = sorted((statistics.fmean(m["trainable_pct"] for m in ms), statistics.fmean(m["top1"] for m in ms))
                     for ms in by_budget.values())
-        axis.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=f"{backbone} / {method}")
-    _log_x(axis)
+        xs += [x for x, _ in xy]
+        axis.plot([x for x, _ in xy], [y for _, y in xy], marker="o",
+                  label=f"{backbone} / {method}" + (f" ({world} ranks)" if several_sizes else ""))
+    _log_x(axis, xs)
     axis.set_xlabel("trainable parameters (% of the model)")
     axis.set_ylabel("top-1 accuracy (%)")
     axis.set_title("Accuracy vs budget")
@@ -286,8 +293,9 @@ def plot_scaling(summary: list[dict], path: str) -> None:
                    marker="o", label=label)
         memory.plot(sizes, [statistics.fmean(m["peak_memory_gib"] for m in by_size[s]) for s in sizes],
                     marker="o", label=label)
+    sizes = [size for by_size in lines.values() for size in by_size]
     for axis, what in ((speed, "images/s per device"), (memory, "peak memory per rank (GiB)")):
-        _log_x(axis)
+        _log_x(axis, sizes)
         axis.set_xlabel("backbone parameters (millions)")
         axis.set_ylabel(what)
         axis.grid(True, alpha=0.3)
@@ -322,12 +330,30 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="run directories, or directories holding them (a sweep)")
     parser.add_argument("--out", help="output directory (default: <first path>/report)")
+    parser.add_argument("--columns", help="print only these columns of the runs table, comma-separated (e.g. "
+                        "method,trainable_params,top1,images_per_s); the files keep them all")
     args = parser.parse_args(argv)
+    columns = _columns(args.columns)
     files = write_report(args.paths, args.out or os.path.join(args.paths[0], "report"))
-    with open(files["runs.md"]) as f:
-        print(f.read(), end="")
+    if columns:
+        rows = [read_run(run) for run in find_runs(args.paths)]
+        fmts = dict(COLUMNS)
+        print(markdown_table(columns, [[_cell(r.get(c), fmts[c]) for c in columns] for r in rows]))
+    else:
+        with open(files["runs.md"]) as f:
+            print(f.read(), end="")
     print(f"report: {', '.join(files.values())}")
     return 0
+
+
+def _columns(text: str | None) -> list[str]:
+    if not text:
+        return []
+    columns, known = [c.strip() for c in text.split(",") if c.strip()], [c for c, _ in COLUMNS]
+    unknown = [c for c in columns if c not in known]
+    if unknown:
+        raise UserError(f"--columns: unknown column '{unknown[0]}' (known: {', '.join(known)})")
+    return columns
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
 import sys
 import time
@@ -56,18 +57,42 @@ def lock_run_dir(run_dir: str) -> None:
     _HELD[run_dir] = fd
 
 
+def _clear_for_new_training(run_dir: str, overwrite: bool) -> None:
+    """A new training run in a directory another one trained in would mix its checkpoints and event files with
+    the old ones: refused, or (output.overwrite) the old run's outputs are removed first."""
+    def there(name: str) -> bool:
+        path = os.path.join(run_dir, name)
+        return os.path.isfile(path) or (os.path.isdir(path) and bool(os.listdir(path)))
+
+    old = [name for name in runfiles.TRAINING_OUTPUTS if there(name)]
+    if not old:
+        return
+    if not overwrite:
+        raise UserError(f"output.name: {run_dir} already holds a training run ({', '.join(old)}); continue it with "
+                        "--resume latest, start it over with output.overwrite=true, or choose another output.name")
+    for name in [*old, runfiles.TENSORBOARD]:
+        path = os.path.join(run_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.unlink(path)
+
+
 def prepare_run_dir(cfg: Config, dist_info: DistInfo, stage: str, run_dir: str | None = None) -> str:
     """Creates the directory on rank 0, locks it (see lock_run_dir) and writes `config.yaml`
     (`config-<stage>.yaml` for a stage run alone, so re-running the allocation with another budget keeps the score
     pass's config). Collective. `run_dir`: an existing run's directory (a resume), instead of
     output.dir/output.name."""
     name = cfg.output.name or f"{cfg.model.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    fresh = run_dir is None and stage == "train"
     run_dir = broadcast_object(run_dir or os.path.abspath(os.path.join(cfg.output.dir, name)))
     error = None
     if dist_info.is_main:
         try:
             os.makedirs(run_dir, exist_ok=True)
             lock_run_dir(run_dir)  # before anything in it is written
+            if fresh:
+                _clear_for_new_training(run_dir, cfg.output.overwrite)
             save_config(cfg, os.path.join(run_dir, runfiles.stage_config(stage)))
         except UserError as e:
             error = str(e)
@@ -96,6 +121,13 @@ def open_run(cfg: Config, dist_info: DistInfo, stage: str, resume: str | None) -
         try:
             if resume == "latest":
                 run_dir = os.path.abspath(os.path.join(cfg.output.dir, cfg.output.name))
+                os.makedirs(run_dir, exist_ok=True)
+            else:
+                path = os.path.abspath(resume)
+                run_dir = run_dir_of(path) if os.path.isfile(os.path.join(path, runfiles.STATE_JSON)) else path
+            if os.path.isdir(run_dir):
+                lock_run_dir(run_dir)  # first: a busy run directory is refused before its checkpoints are read
+            if resume == "latest":
                 return run_dir, *find_checkpoint(resume, run_dir), None
             checkpoint, warnings = find_checkpoint(resume, None)
             return run_dir_of(checkpoint), checkpoint, warnings, None

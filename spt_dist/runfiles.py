@@ -19,6 +19,9 @@ ALLOCATION_INDICES = "allocation.safetensors"
 HEATMAP = "allocation.png"
 SLURM = "slurm"  # slurm/job-<id>/: per-node logs of each Slurm job
 SWEEP_LOGS = "logs"  # in a sweep directory (beside its runs): one log per run
+# What only a training run writes: where one is, a fresh start is refused (output.overwrite removes them, and the
+# TensorBoard events); the selection (scores, allocation) stays.
+TRAINING_OUTPUTS = (CHECKPOINTS, SAMPLES, PEFT, METRICS, MODEL)
 # Directories inside a run (or a sweep) that hold no runs: a search for run directories skips them.
 NOT_RUNS = (CHECKPOINTS, TENSORBOARD, SCORES, PEFT, SAMPLES, SLURM, SWEEP_LOGS)
 

@@ -42,7 +42,7 @@ import yaml
 from spt_dist.atomic import write_json
 from spt_dist import runfiles
 from spt_dist.cli import TRAIN_MODULE, command
-from spt_dist.config import load_config, per_rank_batch_size
+from spt_dist.config import load_config, per_rank_batch_size, safe_yaml
 from spt_dist.data.shards import read_json
 from spt_dist.errors import UserError
 
@@ -124,7 +124,7 @@ def load_sweep(path: str, output_dir: str | None = None) -> Sweep:
     mistake in any grid point stops the sweep before anything runs (one line naming the point)."""
     try:
         with open(path, encoding="utf-8") as f:
-            spec = yaml.safe_load(f) or {}
+            spec = safe_yaml(f) or {}
     except (FileNotFoundError, IsADirectoryError):
         raise UserError(f"sweep: no such file '{path}'") from None
     except UnicodeDecodeError:

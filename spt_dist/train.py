@@ -7,8 +7,10 @@ accelerator and gloo by itself.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import warnings
 
 from spt_dist import preemption
 from spt_dist.cli import TRAIN_STAGES, print_user_error
@@ -37,12 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     preemption.install()  # first: a stop signal during start-up stops the run at its first step, saved
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))
+    if rank:  # warnings every rank would print alike (deprecations, "No CUDA runtime" on CPU): rank 0 says them
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from spt_dist.config import load_config
-    from spt_dist.distributed import (error_of_another_rank, init_distributed, should_say_error,
-                                      shutdown_distributed)
+    from spt_dist.distributed import ErrorExchange, init_distributed, lost_peers, shutdown_distributed
+    errors = None
     try:
         cfg = load_config(args.config, args.overrides)  # before any process group: fails fast on every rank
         dist_info = init_distributed(cfg.engine.timeout_s)
+        errors = ErrorExchange()
         # Heavy imports (deepspeed, timm) only once the config is sound.
         if args.stage == "train":
             from spt_dist.trainer import Trainer
@@ -57,14 +63,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"spt_dist: {e}", flush=True)
         return 0
     except UserError as e:
-        if should_say_error(str(e)):  # said once, by the rank that met it (rank 0 when all did)
+        if errors.should_say(str(e)) if errors else rank == 0:  # once, by the rank that met it (0 when all did)
             print_user_error(e, rank=rank)
+        if errors:
+            errors.hand_over()
         shutdown_distributed(wait=False)
         return 2
-    except Exception:
-        # A collective fails when a peer has exited: if it left a user error behind, that rank has said it.
-        if error_of_another_rank() is None:
-            raise
+    except Exception as e:
+        # A collective fails when a peer has exited: if it left a user error behind, that rank has said it; if
+        # it died (killed, out of memory), its own output says how, and this rank says it lost it.
+        if errors is None or errors.of_another_rank() is None:
+            if not lost_peers(e):
+                raise
+            print_user_error(UserError(f"lost the other ranks ({' '.join(str(e).split())[:200]}): one of them "
+                                       "stopped or died; its output says why"), rank=rank)
         shutdown_distributed(wait=False)
         return 2
     return 0

@@ -23,7 +23,7 @@ from spt_dist.atomic import write_json
 from spt_dist.checkpoint import Checkpoint, CheckpointManager, restore_rng, use_sharded
 from spt_dist.config import Config, SelectionConfig, get_dotted
 from spt_dist.data.dataset import resolve_dataset
-from spt_dist.data.loader import FAULT_KINDS, EvalStream, TrainStream, require_shards
+from spt_dist.data.loader import FAULT_KINDS, EvalStream, TrainStream, loader_workers, require_shards
 from spt_dist.data.transforms import build_transforms
 from spt_dist.distributed import DistInfo, all_gather_float, all_reduce_sum
 from spt_dist.engines import EngineSpec, build_engine
@@ -74,7 +74,11 @@ class Trainer:
         self.preemption = Preemption()  # first: a signal from here on asks for a clean stop
         # Data first: a missing shard or count is a user error to report before anything heavy is built.
         data = resolve_dataset(cfg.data)
-        require_shards(data.train_shards, dist_info.world_size, cfg.data.workers)
+        self.workers = loader_workers(len(data.train_shards), dist_info.world_size, cfg.data.workers)
+        require_shards(data.train_shards, dist_info.world_size, self.workers)
+        self._data_note = "" if self.workers == cfg.data.workers else \
+            f"data.workers: {self.workers} loader worker(s) per rank, not {cfg.data.workers}: " \
+            f"{len(data.train_shards)} train shards for {dist_info.world_size} rank(s), each worker reads its own"
         self.num_classes = data.num_classes
         self.settings = RunSettings.resolve(cfg, data.train_samples, dist_info.world_size)
 
@@ -107,7 +111,7 @@ class Trainer:
         if self.checkpoint and not exact:  # a new sharding of the data: begin the epoch the run was in again
             start_epoch = self.checkpoint.state["samples_seen"] // data.train_samples
         common = dict(rank=dist_info.rank, world=dist_info.world_size, num_classes=data.num_classes,
-                      workers=cfg.data.workers, max_member_mb=cfg.data.max_member_mb)
+                      workers=self.workers, max_member_mb=cfg.data.max_member_mb)
         self.train_stream = TrainStream(data.train_shards, transform=train_tf, batch_size=self.settings.batch_size,
                                         seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                                         start_epoch=start_epoch, **common)
@@ -249,6 +253,8 @@ class Trainer:
                   f" / {cfg.engine.precision} / {self.dist.world_size} rank(s): {self.trainable_report}")
         self._say(f"{sched.total_steps} steps ({sched.epochs} epochs of {sched.steps_per_epoch}), "
                   f"global batch {settings.global_batch}")
+        if self._data_note:
+            self._say(self._data_note)
         if self._resume_note:
             self._say(self._resume_note)
         self.log.text("trainable_parameters", self.trainable_report)

@@ -65,7 +65,7 @@ def test_resolved_config_round_trips(tmp_path):
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(UserError) as err:
-        load_config(str(REPO / "configs/demo.yaml"), [override])
+        load_config(str(REPO / "tests/configs/tiny.yaml"), [override])
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -101,3 +101,29 @@ def test_peft_methods_imply_the_selection():
         load_config(demo, ["method.name=gps", "selection.method=spt"])
     with pytest.raises(UserError, match="selection.structured: method.name spt_adapter needs adapter"):
         load_config(demo, ["method.name=spt_adapter", "selection.structured=lora"])
+
+
+def test_demo_compares_spt_lora_and_lora_at_the_same_budget():
+    """launch/demo.sh trains LoRA (method.lora_rank) and SPT-LoRA (selection.budget) from configs/demo.yaml: the
+    budget is LoRA's number of trainable backbone parameters."""
+    from spt_dist.models import create_model
+    from spt_dist.peft.baselines import apply_method
+    cfg = load_config(str(REPO / "configs/demo.yaml"), ["method.name=lora"])
+    model = apply_method(create_model(cfg.model.name, 5, device="meta"), cfg.method)
+    lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head."))
+    assert load_config(str(REPO / "configs/demo.yaml")).selection.budget == lora
+
+
+def test_yaml_aliases_are_refused_and_long_values_cut(tmp_path):
+    """A "billion laughs" config (nested aliases) would expand past any memory: aliases are refused with one
+    line; a value named in an error message is cut to a line's worth."""
+    laughs = tmp_path / "laughs.yaml"
+    laughs.write_text("seed: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"k{i}: &a{i} [{', '.join(['*a' if i == 0 else f'*a{i - 1}'] * 10)}]\n" for i in range(12)))
+    with pytest.raises(UserError, match=r"line 2 is not valid YAML \(alias \*a: aliases are not allowed here\)"):
+        load_config(str(laughs))
+    with pytest.raises(UserError, match="aliases are not allowed"):
+        load_config(str(REPO / "tests/configs/tiny.yaml"), ["seed=&a [1, *a]"])
+    with pytest.raises(UserError) as err:
+        load_config(str(REPO / "tests/configs/tiny.yaml"), [f"seed=[{', '.join(['x' * 100] * 1000)}]"])
+    assert len(str(err.value)) < 200

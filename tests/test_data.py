@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from spt_dist.data import shards
-from spt_dist.data.loader import EvalStream, TrainStream, count_samples, expand_shards, read_classes
+from spt_dist.data.loader import EvalStream, TrainStream, count_samples, expand_shards, read_classes, require_shards
 from spt_dist.errors import UserError
 from tests.conftest import check, run_job
 
@@ -548,3 +548,13 @@ def test_sample_log_resume_keeps_steps_up_to_the_checkpoint(tmp_path):
         SampleLog(str(path), resume_step=5).close()
         assert read_sample_log(str(path)) == [(1, ["ok"])], bad
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]  # rewritten atomically, nothing left over
+
+
+def test_small_data_sets_use_fewer_loader_workers():
+    """Each (rank, loader worker) reads shards of its own: with too few shards a run uses fewer workers per rank
+    (it says so) rather than refusing; fewer shards than ranks stays an error."""
+    from spt_dist.data.loader import loader_workers
+    assert [loader_workers(8, 2, 2), loader_workers(2, 2, 2), loader_workers(3, 2, 4), loader_workers(5, 1, 0)] == \
+        [2, 1, 1, 0]
+    with pytest.raises(UserError, match="1 shards for 2 ranks x 1 workers; need at least 2"):
+        require_shards(["a.tar"], 2, loader_workers(1, 2, 2))

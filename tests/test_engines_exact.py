@@ -102,3 +102,18 @@ def test_engine_state_restores_training_exactly(engine, tmp_path):
         assert result["differs_before_load"], "the fresh engine must start elsewhere, or the test proves nothing"
         assert result["mismatched"] == [], result
         assert result["lr"][0] == result["lr"][1]
+
+
+def test_deepspeed_ops_are_compiled_into_this_environment(tmp_path):
+    """DeepSpeed's JIT ops go to the environment's own folder (.venv/torch_extensions here), not to the
+    per-user cache every environment shares; a folder the user sets is kept."""
+    import os
+    import subprocess
+    import sys
+    code = "import os, spt_dist.engines.deepspeed_engine; print(os.environ['TORCH_EXTENSIONS_DIR'])"
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    own = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert own.stdout.strip().splitlines()[-1] == os.path.join(sys.prefix, "torch_extensions"), own.stderr[-2000:]
+    kept = subprocess.run([sys.executable, "-c", code], env=dict(env, TORCH_EXTENSIONS_DIR=str(tmp_path)),
+                          capture_output=True, text=True, timeout=120)
+    assert kept.stdout.strip().splitlines()[-1] == str(tmp_path)

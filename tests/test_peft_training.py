@@ -175,3 +175,26 @@ def test_gps_trainable_set_name_by_name(allocations):
     biases = sum(params[f"{layer}.bias"].numel() for layer in layers)
     assert picks == 2 * sum(params[f"{layer}.weight"].shape[0] for layer in layers)  # k = 2 per output row
     assert record["cost"] == picks + biases and record["totals"]["full_vector_params"] == biases
+
+
+def test_lora_on_a_row_block_beside_sparse_deltas_of_the_same_weight():
+    """A fused qkv with sparse deltas (a custom autograd Function, whose output on a 3-D input is a view) and LoRA
+    on its q rows, as SPT allocates them: forward and backward work, and the output is the two added up."""
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(16, 48)
+    layer = Tuned(torch.nn.Linear(16, 48))
+    layer.load_state_dict(plain.state_dict(), strict=False)
+    layer.add_sparse("weight", torch.tensor([3, 40, 500]))
+    layer.add_lora("q", (0, 16), rank=2)
+    with torch.no_grad():
+        layer.weight_delta.fill_(0.5)
+        layer.lora_B_q.normal_()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert x.grad is not None and layer.weight_delta.grad is not None and layer.lora_B_q.grad is not None
+    effective = plain.weight.detach().reshape(-1).clone()
+    effective[[3, 40, 500]] += 0.5
+    expected = torch.nn.functional.linear(x, effective.view(48, 16), plain.bias)
+    expected[..., :16] += layer.lora_scale * (x @ layer.lora_A_q.t() @ layer.lora_B_q.t())
+    assert torch.allclose(y, expected, atol=1e-5)

@@ -290,6 +290,11 @@ def test_score_pass_killed_and_resumed_gives_the_same_scores(synthetic_shards, t
     proc.communicate()
     assert not (tmp_path / "killed" / "scores" / "scores.json").exists(), "the pass ended before the kill"
 
+    # Partial scores of another pass (here other transforms: another crop) are not continued.
+    shutil.copytree(tmp_path / "killed", tmp_path / "other")
+    other = check(run_job([*args("other"), "data.crop_pct=0.875", "--resume", "latest"], nproc=2, timeout=240))
+    assert "the partial scores are of another pass" in other.stdout and "continuing" not in other.stdout
+
     result = check(run_job([*args("killed"), "--resume", "latest"], nproc=2, timeout=240))
     assert "score pass: continuing from the partial scores after batch" in result.stdout
     assert not partial.exists()

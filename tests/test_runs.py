@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +32,8 @@ def test_method_trains_and_writes_its_run_directory(name, synthetic_shards, tmp_
     result = check(run_job(args, nproc=2, launcher=launcher, timeout=300))
     run_dir = tmp_path / name
     assert f"run directory: {run_dir}" in result.stdout and "tensorboard --logdir" in result.stdout
+    port = next(a.split("=")[1] for a in result.args if a.startswith("--master_port="))
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # DeepSpeed's left none
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["eval_samples"] == 128 and metrics["world_size"] == 2
@@ -62,7 +65,6 @@ def test_method_trains_and_writes_its_run_directory(name, synthetic_shards, tmp_
     ("optim.epochs=ten", "spt_dist: error: optim.epochs: expected an integer"),
     ("data.train_shards=/nowhere/train-{0..3}.tar", "spt_dist: error: data.train_shards:"),
     ("model.name=vit_unknown_patch3", "spt_dist: error: model.name: unknown model 'vit_unknown_patch3'"),
-    ("data.workers=9", "spt_dist: error: data.train_shards: 8 shards for 1 ranks x 9 workers; need at least 9"),
 ])
 def test_bad_config_exits_with_one_line(override, message, synthetic_shards, tmp_path):
     args = [TRAIN, "--config", "tests/configs/tiny.yaml", *tiny_overrides(synthetic_shards, tmp_path, "bad"), override]
@@ -132,3 +134,38 @@ def test_a_second_job_on_a_busy_run_directory_is_refused(synthetic_shards, tmp_p
         "); wait for it to end, stop it, or choose another output.name"], result.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.yaml"]
     assert (run_dir / "config.yaml").read_text() == "the running job's config\n"
+
+
+def test_a_new_run_where_one_has_trained_is_refused_or_overwritten(synthetic_shards, tmp_path):
+    """Without --resume, training into a directory that holds a training run would mix old checkpoints and
+    event files with new ones: one line; output.overwrite=true removes them (the selection stays)."""
+    from spt_dist.rundir import _clear_for_new_training
+    run_dir = tmp_path / "used"
+    (run_dir / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (run_dir / "metrics.json").write_text("{}")
+    (run_dir / "allocation.json").write_text("{}")
+    args = [TRAIN, "--config", "tests/configs/tiny.yaml", *tiny_overrides(synthetic_shards, tmp_path, "used")]
+    result = run_job(args, launcher="python", timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"spt_dist: error: output.name: {run_dir} already holds a training run (checkpoints, metrics.json); continue "
+        "it with --resume latest, start it over with output.overwrite=true, or choose another output.name"]
+    assert (run_dir / "metrics.json").exists() and not (run_dir / "config.yaml").exists()  # nothing touched
+
+    _clear_for_new_training(str(run_dir), overwrite=True)
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "allocation.json"]
+
+
+def test_a_user_error_on_rank_0_alone_is_one_line_under_the_deepspeed_launcher(synthetic_shards, tmp_path,
+                                                                                 monkeypatch):
+    """Under the deepspeed launcher rank 0 hosts the job's store: after its own error it keeps the store up until
+    the other ranks, whose collectives then fail, have read why; they exit quietly. One line in all."""
+    monkeypatch.setenv("FAIL_RANK", "0")
+    args = ["tests/workers/fail_on_rank.py", "--config", "tests/configs/tiny.yaml",
+            *tiny_overrides(synthetic_shards, tmp_path, "full-disk"), "method.name=lora", "optim.max_steps=4",
+            "output.checkpoint_every=2"]
+    result = run_job(args, nproc=2, launcher="deepspeed", timeout=240)
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if "spt_dist: error" in line]
+    assert result.returncode != 0 and len(errors) == 1 and "no space left on the device (injected on rank 0)" \
+        in errors[0], output[-4000:]
+    assert "Traceback" not in output

@@ -156,6 +156,7 @@ def test_bad_selection_settings_fail_with_one_line(overrides, message, synthetic
     lines = [line for line in result.stderr.splitlines() if line.startswith("spt_dist: error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+    assert "score pass" not in result.stdout  # found before the pass, from the model's shapes alone
 
 
 def test_allocate_without_scores_says_what_to_run(synthetic_shards, tmp_path):

@@ -476,6 +476,12 @@ def _merge_workers(items: Iterator[dict], workers: int, progress: _Progress) -> 
         yield item["batch"]
 
 
+def loader_workers(shards: int, world: int, workers: int) -> int:
+    """The loader workers a rank of a train stream can use: `workers`, or fewer when `shards` train shards cannot
+    give every (rank, worker) shards of its own (a small data set); 0 stays 0 (reading in the rank itself)."""
+    return max(1, min(workers, shards // world)) if workers else 0
+
+
 def require_shards(shards: list[str], world: int, workers: int) -> None:
     """Every (rank, worker) of a train stream reads its own shards: there must be at least that many."""
     need = world * max(workers, 1)

@@ -10,6 +10,7 @@ CLI:  python -m spt_dist.data.shards folder --src DIR --out DIR [--split train] 
       python -m spt_dist.data.shards vtab --root VTAB_1K_DIR --out DIR [--tasks cifar100,dtd] [--protocol val]
       python -m spt_dist.data.shards fgvc --root FGVC_DIR --out DIR [--tasks cub,dogs] [--protocol val]
       python -m spt_dist.data.shards synthetic --out DIR [--classes 10] ...
+      python -m spt_dist.data.shards digits --out DIR --digits 5-9 [--size 32]
   `list` reads split files (.txt, .csv, .json: see `list --help`); `vtab` and `fgvc` run it over the usual
   layouts of the benchmarks (VTAB-1k as NOAH/SPT ship it, FGVC as VPT does) into DIR/<task>/.
 
@@ -24,6 +25,7 @@ import csv
 import io
 import itertools
 import json
+import math
 import os
 import random
 import re
@@ -125,9 +127,19 @@ def read_sizes(directory: str, replacing: re.Pattern | None = None) -> dict[str,
     return checked
 
 
+# Without --samples-per-shard / --num-shards: shards of at most this many samples, and at least MIN_SHARDS of them
+# (fewer only when there are fewer samples), so that a small data set still gives every rank x loader worker of an
+# ordinary run (32 ranks x 2 workers) shards of its own.
+MAX_SAMPLES_PER_SHARD = 1000
+MIN_SHARDS = 64
+
+
 def shard_sizes(total: int, samples_per_shard: int | None = None, num_shards: int | None = None) -> list[int]:
     """Samples in each shard of a split of `total`: `samples_per_shard` each (the last one takes the rest), or
-    exactly `num_shards` shards as even as possible (a run needs at least ranks x loader workers train shards)."""
+    exactly `num_shards` shards as even as possible (a run needs at least ranks x loader workers train shards);
+    neither: as many even shards as MAX_SAMPLES_PER_SHARD and MIN_SHARDS ask for."""
+    if num_shards is None and samples_per_shard is None:
+        num_shards = max(math.ceil(total / MAX_SAMPLES_PER_SHARD), min(MIN_SHARDS, total))
     if num_shards is not None:
         if not 1 <= num_shards <= total:
             raise UserError(f"--num-shards: {num_shards} shards for {total} samples; must be in [1, {total}]")
@@ -545,6 +557,58 @@ def _cmd_synthetic(args: argparse.Namespace) -> None:
     write_classes(args.out, [f"class_{c}" for c in range(args.classes)])
 
 
+# --------------------------------------------------------------------------- digits (scikit-learn's, bundled)
+
+
+def _digit_range(text: str) -> list[int]:
+    """'5-9' or '0,2,4' -> digits, each in 0..9, at least two."""
+    try:
+        if "-" in text:
+            first, last = (int(x) for x in text.split("-"))
+            digits = list(range(first, last + 1))
+        else:
+            digits = [int(x) for x in text.split(",")]
+    except ValueError:
+        digits = []
+    if len(set(digits)) < 2 or not all(0 <= d <= 9 for d in digits):
+        raise UserError(f"--digits: expected at least two digits in 0-9 as 'A-B' or 'A,B,...', got {text!r}")
+    return sorted(set(digits))
+
+
+def digits_samples(digits: list[int], size: int, test_fraction: float, seed: int) -> dict[str, list[Sample]]:
+    """scikit-learn's 1,797 8x8 handwritten digits (UCI; shipped with scikit-learn, nothing downloaded) of
+    `digits`, labelled 0.. in that order, upscaled to size x size RGB; a stratified, seeded train/test split."""
+    from sklearn.datasets import load_digits  # noqa: PLC0415 - only this command needs it
+    data = load_digits()
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[Sample]] = {"train": [], "test": []}
+    for label, digit in enumerate(digits):
+        where = rng.permutation(np.flatnonzero(data.target == digit))
+        cut = round(len(where) * test_fraction)
+        for split, part in (("test", where[:cut]), ("train", where[cut:])):
+            for i in part.tolist():
+                grey = Image.fromarray((data.images[i] * (255 / 16)).round().astype(np.uint8))
+                buf = io.BytesIO()
+                grey.resize((size, size), Image.BILINEAR).convert("RGB").save(buf, format="PNG", compress_level=1)
+                out[split].append((f"{split}_{i:05d}", buf.getvalue(), "png", label))
+    for split in out:  # classes interleaved, in a seeded order
+        order = rng.permutation(len(out[split])).tolist()
+        out[split] = [out[split][i] for i in order]
+    return out
+
+
+def _cmd_digits(args: argparse.Namespace) -> None:
+    digits = _digit_range(args.digits)
+    if args.size < 8:
+        raise UserError(f"--size: must be >= 8, got {args.size}")
+    if not 0.0 < args.test_fraction < 1.0:
+        raise UserError(f"--test-fraction: must be in (0, 1), got {args.test_fraction}")
+    for split, samples in digits_samples(digits, args.size, args.test_fraction, args.seed).items():
+        names = write_split(samples, args.out, split, shard_sizes(len(samples), num_shards=args.num_shards))
+        _report(args.out, split, names)
+    write_classes(args.out, [f"digit_{d}" for d in digits])
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -556,7 +620,9 @@ def _report(out: str, split: str, names: list[str]) -> None:
 
 def _add_sharding(p: argparse.ArgumentParser) -> None:
     sharding = p.add_mutually_exclusive_group()
-    sharding.add_argument("--samples-per-shard", type=int, default=1000)
+    sharding.add_argument("--samples-per-shard", type=int,
+                          help=f"default: even shards of at most {MAX_SAMPLES_PER_SHARD}, at least {MIN_SHARDS} of them "
+                          "(fewer only for fewer samples)")
     sharding.add_argument("--num-shards", type=int, help="exactly N shards, as even as possible "
                           "(a run needs at least ranks x loader workers train shards)")
     p.add_argument("--seed", type=int, default=0, help="of the shuffle before sharding")
@@ -611,6 +677,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--samples-per-shard", type=int, default=250)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(run=_cmd_synthetic)
+    d = sub.add_parser("digits", help="scikit-learn's bundled 8x8 handwritten digits (some of them), upscaled")
+    d.add_argument("--out", required=True)
+    d.add_argument("--digits", default="0-9", help="which digits, as 'A-B' or 'A,B,...'; labelled 0.. in order")
+    d.add_argument("--size", type=int, default=32)
+    d.add_argument("--test-fraction", type=float, default=0.25)
+    d.add_argument("--num-shards", type=int, default=8, help="per split (a run needs ranks x loader workers)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(run=_cmd_digits)
     return p
 
 

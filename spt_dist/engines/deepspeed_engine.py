@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
+import os
 from collections.abc import Iterator
 
-import deepspeed
+from spt_dist.engines.op_cache import use_private_op_cache
+
+use_private_op_cache()  # before DeepSpeed can load (and compile) an op
+
+import deepspeed  # noqa: E402
 import torch
 import torch.distributed as dist
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_get_local_fp32_param,
@@ -36,11 +43,14 @@ class DeepSpeedEngine(Engine):
         # The model is built normally (not under zero.Init, which would discard timm's init); initialize()
         # moves it to the device and, at stage 3, partitions it.
         optimizer = spec.optimizer(model)
-        self._engine, _, _, self._scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=spec.scheduler,
-            config=config)
+        # Every rank would print the same notes (the CPU comm op "built successfully"): rank 0 speaks for all.
+        with contextlib.redirect_stdout(io.StringIO()) if dist.get_rank() else contextlib.nullcontext():
+            self._engine, _, _, self._scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=spec.scheduler,
+                config=config)
         self.module = self._engine
         self.input_dtype = torch.bfloat16 if bf16 else torch.float32
+        _unlink_shared_memory()
 
     def backward(self, loss: torch.Tensor) -> None:
         self._engine.backward(loss)
@@ -186,6 +196,17 @@ class DeepSpeedEngine(Engine):
                     safe_set_full_optimizer_state(param, value, key)
                 else:
                     client.state[param][key].copy_(value)
+
+
+def _unlink_shared_memory() -> None:
+    """On CPU, DeepSpeed's comm op gives each rank of a one-node job a 66 MiB buffer in /dev/shm, which every
+    rank maps while initialising, and never removes it: each job would leave its buffers behind. Once all ranks
+    have mapped them (the barrier) the names are no longer needed; the memory lives on until the ranks exit."""
+    own = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_" \
+          f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}"
+    dist.barrier()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(own)
 
 
 def _init_adam_state(optimizer: torch.optim.Optimizer, tensors: list[torch.Tensor], step: int) -> None:

@@ -178,10 +178,13 @@ class Tuned(nn.Module):
             y = F.linear(x, weight, bias)
         if self.lora:
             h = self.dropout(x)
+            width = y.shape[-1]
             for block, (r0, r1) in self.lora.items():
-                # In place on the layer's output: no backward here needs that output.
+                # Out of place: y may be a view made inside a custom Function (_LinearWithDelta on a 3-D input),
+                # which autograd does not let anyone change in place. Zero padding adds exactly nothing elsewhere.
                 a, b = getattr(self, f"lora_A_{block}"), getattr(self, f"lora_B_{block}")
-                y[..., r0:r1] += self.drop_path(self.lora_scale * F.linear(F.linear(h, a), b))
+                out = self.drop_path(self.lora_scale * F.linear(F.linear(h, a), b))
+                y = y + (out if (r0, r1) == (0, width) else F.pad(out, (r0, width - r1)))
         if self.adapters:  # sequential on row blocks: the block's output is the adapter's input, so rebuild y
             pieces, start = [], 0
             for block, (r0, r1) in sorted(self.adapters.items(), key=lambda item: item[1]):

@@ -19,7 +19,7 @@ from spt_dist.config import SelectionConfig
 from spt_dist.data.shards import read_json
 from spt_dist.distributed import gather_to_main
 from spt_dist.errors import UserError
-from spt_dist.selection.gps_allocation import select_rows
+from spt_dist.selection.gps_allocation import check_k, select_rows
 from spt_dist.selection.layout import Layout, Unit, UnitCosts
 from spt_dist.selection.scores import LocalScores
 from spt_dist.selection.spt_allocation import ThresholdSearch, split_into_segments, target_cost
@@ -163,6 +163,16 @@ def allocate_gps(scores: LocalScores, layout: Layout, sel: SelectionConfig) -> A
         "units": units,
     }
     return Allocation(record, indices)
+
+
+def check_selection(layout: Layout, sel: SelectionConfig) -> None:
+    """The settings' mistakes that need no scores (a budget beyond the scored parameters, a k wider than a row),
+    found before a score pass is spent on them (the layout of a meta-device model is enough)."""
+    sel = sel.resolved()
+    if sel.method == "spt":
+        target_cost(sel.budget, layout)
+    else:
+        check_k(layout, sel.k)
 
 
 def allocate(scores: LocalScores, layout: Layout, sel: SelectionConfig) -> Allocation:

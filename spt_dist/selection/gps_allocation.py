@@ -32,11 +32,15 @@ def _piece_candidates(values: torch.Tensor, first: int, k: int) -> list[tuple[fl
     return [(float(values[c]), first + int(c)) for c in cols]
 
 
-def select_rows(scores: LocalScores, layout: Layout, k: int) -> dict[str, torch.Tensor]:
-    """{tensor: sorted flat indices of its selected entries}, complete on rank 0 (collective)."""
+def check_k(layout: Layout, k: int) -> None:
     for t in layout.tensors:
         if k > t.row_length:
             raise UserError(f"selection.k: {k} is wider than the rows of '{t.name}' ({t.row_length} inputs)")
+
+
+def select_rows(scores: LocalScores, layout: Layout, k: int) -> dict[str, torch.Tensor]:
+    """{tensor: sorted flat indices of its selected entries}, complete on rank 0 (collective)."""
+    check_k(layout, k)
     local: dict[str, list[torch.Tensor]] = {t.name: [] for t in layout.tensors}
     pieces: list[tuple[str, int, list[tuple[float, int]]]] = []  # (tensor, row, candidates)
     for chunk in scores.chunks:

@@ -170,6 +170,14 @@ def accumulate_scores(engine: Engine, scores: LocalScores, method: str) -> None:
         scores.add_gradient(name, offset, grad, square=method == "spt")
 
 
+def _file_identity(path: str | None) -> list | None:
+    """A weights file as it is now (size and modification time: a file replaced under the same name differs)."""
+    if path is None:
+        return None
+    stat = os.stat(path)
+    return [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
+
+
 def run_score_pass(cfg: Config, data: Dataset, dist_info: DistInfo, say=print, run_dir: str | None = None,
                    resume: bool = False) -> ScorePass:
     """`run_dir`: where partial scores are saved (every selection.checkpoint_every batches, and when a stop
@@ -189,6 +197,7 @@ def run_score_pass(cfg: Config, data: Dataset, dist_info: DistInfo, say=print, r
                 "model": dataclasses.asdict(cfg.model), "num_classes": data.num_classes,
                 "shards": [os.path.abspath(s) for s in data.train_shards], "shuffle": sel.shuffled,
                 "augment": sel.augmented, "shuffle_buffer": cfg.data.shuffle_buffer, "crop_pct": cfg.data.crop_pct,
+                "max_member_mb": cfg.data.max_member_mb, "weights": _file_identity(cfg.model.checkpoint),
                 "batches": batches, "batch_size": sel.batch_size, "micro_batch_size": stream.micro_batch_size,
                 "seed": cfg.seed, "engine": cfg.engine.kind, "zero_stage": cfg.engine.zero_stage}
     if resume and run_dir:

@@ -17,7 +17,7 @@ from spt_dist.errors import UserError
 from spt_dist.metrics import RunLogger
 from spt_dist.models import create_model
 from spt_dist.rundir import prepare_run_dir
-from spt_dist.selection.allocation import allocate
+from spt_dist.selection.allocation import allocate, check_selection
 from spt_dist.selection.layout import build_layout
 from spt_dist.selection.report import save_heatmap, summary
 from spt_dist.selection.scores import check_coverage, load_scores, remove_partial_scores, save_scores
@@ -51,6 +51,8 @@ def run_selection(cfg: Config, dist_info: DistInfo, stage: str, run_dir: str | N
         layout = build_layout(model, sel.method)
         check_coverage(scores, layout)
     else:
+        meta = create_model(cfg.model.name, data.num_classes, img_size=cfg.model.img_size, device="meta")
+        check_selection(build_layout(meta, sel.method), sel)  # a budget or k that cannot work: before the pass
         result = run_score_pass(cfg, data, dist_info, say, run_dir=run_dir, resume=resume is not None)
         scores, layout, info = result.scores, result.layout, dict(result.info, num_classes=data.num_classes)
         save_scores(scores, run_dir, dist_info.rank, dist_info.world_size, info)
