@@ -173,8 +173,12 @@ def worker(args: argparse.Namespace) -> None:
 # The driver: makes the data, starts each part's job, prints the figures.
 
 def run_part(part: str, args: argparse.Namespace, work: Path) -> dict:
+    # The workers get the driver's options but --nproc: torch.distributed.run would take that for its own
+    # --nproc-per-node (argparse accepts abbreviations), even after the script's name.
+    options = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--nproc")
+               and not (i and sys.argv[i] == "--nproc")]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", __file__,
-           "--worker", part, "--work", str(work), *sys.argv[1:]]
+           "--worker", part, "--work", str(work), *options]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     log = work / f"{part}.log"
     with open(log, "w") as out:

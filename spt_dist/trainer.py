@@ -39,8 +39,8 @@ from spt_dist.peft.allocated import apply_allocation, read_allocation
 from spt_dist.peft.baselines import apply_method, format_trainable_parameters, trainable_parameters
 from spt_dist.preemption import Preemption, resume_hint
 from spt_dist.run_settings import RunSettings
-from spt_dist.sample_log import SampleLog
 from spt_dist.rundir import open_run
+from spt_dist.sample_log import SampleLog
 from spt_dist.selection.stage import run_selection
 
 # Keys a resumed run must share with its checkpoint: they decide the frozen weights and what the trainable

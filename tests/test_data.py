@@ -558,3 +558,16 @@ def test_small_data_sets_use_fewer_loader_workers():
         [2, 1, 1, 0]
     with pytest.raises(UserError, match="1 shards for 2 ranks x 1 workers; need at least 2"):
         require_shards(["a.tar"], 2, loader_workers(1, 2, 2))
+
+
+def test_training_augmentation_is_crop_and_flip_only():
+    """data.augment: random resized crop and flip (the FGVC recipe), no colour jitter."""
+    from torchvision import transforms as T
+
+    from spt_dist.config import DataConfig
+    from spt_dist.data.transforms import build_transforms
+    from spt_dist.models import create_model
+    train, _ = build_transforms(create_model("vit_test_tiny_patch8_32", 4), DataConfig(augment=True))
+    kinds = [type(t).__name__ for t in train.transforms]
+    assert kinds[:2] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip"]
+    assert not any(isinstance(t, T.ColorJitter) for t in train.transforms)

@@ -226,3 +226,34 @@ def test_a_binary_sweep_file_is_one_line(tmp_path):
     (tmp_path / "sweep.yaml").write_bytes(bytes(range(256)))
     with pytest.raises(UserError, match="sweep: '.*sweep.yaml' is not a text file"):
         load_sweep(str(tmp_path / "sweep.yaml"))
+
+
+def test_checkpoint_state_without_its_keys_and_damaged_checkpoints_are_one_line(tmp_path):
+    """state.json lacking a key is one line naming it; `--resume` of a run directory skips checkpoints that fail
+    their checksums (or lost a file) for the newest intact one, saying which and why; a damaged checkpoint asked
+    for by name, or none intact, is one line."""
+    from spt_dist.checkpoint import Checkpoint, file_digest, find_checkpoint
+    root = tmp_path / "run" / "checkpoints"
+    for step in (1, 2, 3):
+        directory = root / f"step_{step:08d}"
+        directory.mkdir(parents=True)
+        (directory / "trainable.safetensors").write_bytes(b"weights %d" % step)
+        state = {"step": step, "optimizer_steps": step, "world_size": 1, "samples_seen": 8 * step, "scheduler": {},
+                 "config": {}, "files": {"trainable.safetensors": file_digest(str(directory / "trainable.safetensors"))}}
+        (directory / "state.json").write_text(json.dumps(state))
+    (root / "step_00000003" / "trainable.safetensors").write_bytes(b"weights 4")  # a flipped byte
+    (root / "step_00000002" / "trainable.safetensors").unlink()  # a lost file
+    found, warnings = find_checkpoint(str(tmp_path / "run"), None)
+    assert found == str(root / "step_00000001") and warnings == [
+        f"skipped the damaged checkpoint {root / 'step_00000003'}: trainable.safetensors does not match its checksum",
+        f"skipped the damaged checkpoint {root / 'step_00000002'}: trainable.safetensors is missing or unreadable"]
+    with pytest.raises(UserError, match="step_00000003 is damaged: trainable.safetensors does not match"):
+        find_checkpoint(str(root / "step_00000003"), None)
+
+    state = json.loads((root / "step_00000001" / "state.json").read_text())
+    del state["scheduler"]
+    (root / "step_00000001" / "state.json").write_text(json.dumps(state))
+    with pytest.raises(UserError, match=r"state.json' lacks 'scheduler'"):
+        Checkpoint.read(str(root / "step_00000001"))
+    with pytest.raises(UserError, match="no intact checkpoint in .*; newest: trainable.safetensors does not match"):
+        find_checkpoint("latest", str(tmp_path / "run"))

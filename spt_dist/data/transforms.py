@@ -15,7 +15,9 @@ def build_transforms(model: nn.Module, cfg: DataConfig) -> tuple[Callable, Calla
     """(train, eval) transforms: PIL RGB image -> normalised float tensor [3, H, W]."""
     data_cfg = resolve_data_config({"crop_pct": cfg.crop_pct}, model=model)
     eval_transform = create_transform(**data_cfg, is_training=False)
-    train_transform = create_transform(**data_cfg, is_training=True) if cfg.augment else eval_transform
+    # data.augment: random resized crop and flip, as the FGVC recipe says (timm's default would add colour jitter).
+    train_transform = create_transform(**data_cfg, is_training=True, color_jitter=None) if cfg.augment \
+        else eval_transform
     return train_transform, eval_transform
 
 
