@@ -6,8 +6,7 @@
 The tiny ViT (vit_test_tiny_patch8_32, 81k parameters) is pretrained on handwritten digits 0-4 (full fine-tuning;
 scikit-learn's bundled 8x8 digits upscaled to 32 px, as the demo does), then fine-tuned on digits 5-9 from that
 backbone with full fine-tuning, linear probing, LoRA (rank r on q and v: 512 r backbone parameters), SPT-LoRA and
-SPT-Adapter (selection.budget = the LoRA budgets) and GPS (top-k per row, k chosen to land near the same
-budgets). Every run is a real 2-rank job of `spt-sweep` (DeepSpeed ZeRO-2, configs/demo.yaml's recipe); the
+SPT-Adapter (selection.budget = the LoRA budgets) and GPS (top-k per row, k = 1, 2, 4: its own budgets). Every run is a real 2-rank job of `spt-sweep` (DeepSpeed ZeRO-2, configs/demo.yaml's recipe); the
 table and accuracy_vs_budget.png come from spt_dist.report, as for any sweep. Results go to OUT (default
 runs/bench-transfer): pretrain/, sweep/<run>/, sweep/report/.
 """
@@ -25,9 +24,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = str(REPO / "configs" / "demo.yaml")
-# GPS's k per LoRA rank: GPS trains k inputs of every output row of every weight (and all biases), so its cost
-# steps with k; these land closest to 512 r on this model.
-GPS_K = {1: 1, 2: 1, 4: 2, 8: 5}
+# GPS trains k inputs of every output row of every weight, and every bias: on this model about 1.9k, 2.9k and 4.8k
+# parameters for k = 1, 2, 4 (it cannot go as low as LoRA-1's 512).
+GPS_K = [1, 2, 4]
 
 
 def shards(directory: Path, digits: str) -> dict[str, str]:
@@ -59,16 +58,18 @@ def main() -> int:
     print(f"backbone: pretrained on digits 0-4, top-1 {pretrain['top1']:.2f}%", flush=True)
 
     budgets = [512 * r for r in args.ranks]
-    common = {"seed": args.seeds, "world_size": [2]}
+    def common():  # a fresh copy per grid entry: a shared list would be written as a YAML alias, which is refused
+        return {"seed": list(args.seeds), "world_size": [2]}
+
     sweep = {
         "name": "sweep",
         "config": [DEMO],
         "overrides": {"model.checkpoint": str(backbone), "optim.epochs": args.epochs, **target},
         "grid": [
-            {"method.name": ["full", "linear"], **common},
-            {"method.name": ["lora"], "method.lora_rank": args.ranks, **common},
-            {"method.name": ["spt_lora", "spt_adapter"], "selection.budget": budgets, **common},
-            {"method.name": ["gps"], "selection.k": sorted({GPS_K.get(r, r) for r in args.ranks}), **common},
+            {"method.name": ["full", "linear"], **common()},
+            {"method.name": ["lora"], "method.lora_rank": args.ranks, **common()},
+            {"method.name": ["spt_lora", "spt_adapter"], "selection.budget": budgets, **common()},
+            {"method.name": ["gps"], "selection.k": GPS_K, **common()},
         ],
     }
     out.mkdir(parents=True, exist_ok=True)

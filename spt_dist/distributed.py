@@ -130,6 +130,7 @@ def all_gather_float(value: float) -> list[float]:
 # --------------------------------------------------------------------------- a user error on some ranks only
 
 _ERROR_KEY = "spt_dist/error/{}"
+_ERRORS_KEY = "spt_dist/errors"  # how many ranks have posted one: what the watchers poll (one request each)
 _SEEN_KEY = "spt_dist/seen/{}"  # a rank has read another's error and is going
 
 
@@ -145,7 +146,8 @@ def _default_store():
 class ErrorExchange:
     """How the ranks of a job end on a user error only some of them meet (a file only one rank reads or writes):
     the rank that meets it posts it in the job's store and says it; the others, whichever collective they wait
-    in, see it posted (a watcher thread, every half second), say nothing and exit too (status 2). When every rank
+    in, see it posted (a watcher thread: one store request per rank every half second, less often on large jobs),
+    say nothing and exit too (status 2). When every rank
     meets the same mistake, rank 0 alone says it. Rank 0 may host the store (deepspeed launcher, srun): after its
     own error it waits until the others have seen it before it exits (`hand_over`). No-op on one rank."""
 
@@ -153,16 +155,13 @@ class ErrorExchange:
         self.store, self.me, self.world = _default_store(), rank(), world_size()
         self.own = False  # this rank met an error of its own: its watcher stands down
         if self.store is not None and self.world > 1:
+            poll_s *= max(1.0, self.world / 64)  # at most about 128 requests a second to the store
             threading.Thread(target=self._watch, args=(poll_s,), daemon=True, name="spt_dist-errors").start()
 
-    def _others(self) -> dict[int, str]:
-        return {r: _ERROR_KEY.format(r) for r in range(self.world) if r != self.me}
-
     def _watch(self, poll_s: float) -> None:
-        keys = self._others()
         try:
             while not self.own:
-                if any(self.store.check([key]) for key in keys.values()) and not self.own:
+                if self.store.add(_ERRORS_KEY, 0) and not self.own:
                     self.store.set(_SEEN_KEY.format(self.me), "1")
                     sys.stdout.flush()
                     sys.stderr.flush()
@@ -179,6 +178,7 @@ class ErrorExchange:
             return self.me == 0
         try:
             self.store.set(_ERROR_KEY.format(self.me), message)
+            self.store.add(_ERRORS_KEY, 1)
             if self.me == 0:
                 return True
             key, deadline = _ERROR_KEY.format(0), time.monotonic() + wait_s
@@ -212,7 +212,8 @@ class ErrorExchange:
         deadline = time.monotonic() + wait_s
         try:
             while True:
-                for r, key in self._others().items():
+                for r in (r for r in range(self.world) if r != self.me):
+                    key = _ERROR_KEY.format(r)
                     if self.store.check([key]):
                         return r, self.store.get(key).decode()
                 if time.monotonic() >= deadline:

@@ -129,8 +129,9 @@ def load_sweep(path: str, output_dir: str | None = None) -> Sweep:
         raise UserError(f"sweep: no such file '{path}'") from None
     except UnicodeDecodeError:
         raise UserError(f"sweep: '{path}' is not a text file (YAML in UTF-8)") from None
-    except yaml.YAMLError:
-        raise UserError(f"sweep: '{path}' is not valid YAML") from None
+    except yaml.YAMLError as e:
+        why = getattr(e, "problem", None)
+        raise UserError(f"sweep: '{path}' is not valid YAML{f' ({why})' if why else ''}") from None
     if not isinstance(spec, dict):
         raise UserError(f"sweep: '{path}' must hold a mapping")
     unknown = sorted(set(spec) - set(_SWEEP_KEYS))

@@ -245,7 +245,7 @@ def test_eval_rank_without_shards(syn):
 def test_torchrun_two_ranks(syn, tmp_path):
     batches, workers = TRAIN // 2 // 10, 2
     check(run_job(["tests/workers/read_keys.py", f"{syn}/train-{{000000..000007}}.tar", f"{syn}/test-*.tar", "10",
-                   str(batches), str(workers), str(tmp_path)], nproc=2, timeout=120))
+                   str(batches), str(workers), str(tmp_path)], nproc=2, timeout=300))
     got = [json.loads((tmp_path / f"keys-rank{r}.json").read_text()) for r in (0, 1)]
     test = expand_shards(f"{syn}/test-*.tar", "k")
     e0, e1 = got[0]["eval_keys"], got[1]["eval_keys"]

@@ -112,8 +112,8 @@ def test_deepspeed_ops_are_compiled_into_this_environment(tmp_path):
     import sys
     code = "import os, spt_dist.engines.deepspeed_engine; print(os.environ['TORCH_EXTENSIONS_DIR'])"
     env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
-    own = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    own = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert own.stdout.strip().splitlines()[-1] == os.path.join(sys.prefix, "torch_extensions"), own.stderr[-2000:]
     kept = subprocess.run([sys.executable, "-c", code], env=dict(env, TORCH_EXTENSIONS_DIR=str(tmp_path)),
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
     assert kept.stdout.strip().splitlines()[-1] == str(tmp_path)

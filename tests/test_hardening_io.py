@@ -174,7 +174,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_files(run_artifact, tmp_path)
              f"{shlex.quote(directory)}")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", inner], env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
     if proc.returncode == 97 or (proc.returncode != 0 and "RESULT" not in proc.stdout and
                                  ("unshare" in proc.stderr or "mount" in proc.stderr)):
         pytest.skip(f"cannot mount a tmpfs in a user namespace here: {proc.stderr.strip()[:200]}")

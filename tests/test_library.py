@@ -240,7 +240,7 @@ def test_non_editable_install_runs_the_demo_and_the_slurm_dry_run(tmp_path):
     import sys
     import sysconfig
     venv = tmp_path / "fresh"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     site = next((venv / "lib").glob("python3*/site-packages"))
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     bin_dir = venv / "bin"
@@ -285,7 +285,7 @@ def test_training_an_adapter_allocation_as_lora_stops_before_training(tiny_alloc
     tiny_allocation.save(str(tmp_path / "adapters"))
     result = run_job([TRAIN, "--config", "tests/configs/tiny.yaml", *tiny_overrides(synthetic_shards, tmp_path, "x"),
                       "method.name=spt_lora", f"method.allocation={tmp_path / 'adapters'}"], launcher="python",
-                     timeout=120)
+                     timeout=300)
     assert result.returncode == 2 and "holds adapter modules, method.name spt_lora trains lora" in result.stderr
     assert not (tmp_path / "x" / "checkpoints").exists()
 

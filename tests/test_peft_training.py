@@ -96,7 +96,7 @@ def test_sparse_training_equals_plain_pytorch_exactly(method, engine, world, all
     if method == "spt_adapter":
         assert not (tmp_path / name / "model.safetensors").exists()  # Adapters cannot be merged
         merge = run_job(["-m", "spt_dist.peft.artifact", "merge", str(tmp_path / name / "peft"), "--out",
-                         str(tmp_path / "merged.safetensors")], launcher="python", timeout=120)
+                         str(tmp_path / "merged.safetensors")], launcher="python", timeout=300)
         assert merge.returncode == 2 and merge.stderr.startswith("spt_dist: error: merge: ")
         assert len(merge.stderr.strip().splitlines()) == 1 and not (tmp_path / "merged.safetensors").exists()
         return
@@ -112,7 +112,7 @@ def test_sparse_training_equals_plain_pytorch_exactly(method, engine, world, all
                 assert not torch.equal(merged[key], initial[key]), key
     # The command-line merge of the artifact writes the same checkpoint as the run.
     check(run_job(["-m", "spt_dist.peft.artifact", "merge", str(tmp_path / name / "peft"), "--out",
-                   str(tmp_path / "cli.safetensors")], launcher="python", timeout=120))
+                   str(tmp_path / "cli.safetensors")], launcher="python", timeout=300))
     cli = load_file(str(tmp_path / "cli.safetensors"))
     assert cli.keys() == merged.keys() and all(torch.equal(cli[k], merged[k]) for k in cli)
     # The merged checkpoint in plain timm gives the PEFT model's logits. Tolerance: folding B·A into W rounds.

@@ -158,7 +158,7 @@ def test_sigterm_saves_a_checkpoint_and_the_resume_continues_from_it(uninterrupt
     saved = Path(checkpoint.directory)
 
     # A key that decides the frozen weights must not change: one line, nothing trained.
-    refused = run_job([*args, "seed=1", "--resume", str(run_dir)], nproc=2, timeout=120)
+    refused = run_job([*args, "seed=1", "--resume", str(run_dir)], nproc=2, timeout=300)
     assert refused.returncode != 0 and f"spt_dist: error: seed: the checkpoint {saved} was written with 0, " \
         "this run has 1" in refused.stderr
 
@@ -255,7 +255,7 @@ def test_resume_on_another_world_size_keeps_allocation_and_state(before, after, 
     ranks, accum, engine = after
     if ranks == 2:  # the checkpoint trains a budget-3000 allocation: a config that says 6000 is refused
         refused = run_job([*args(ranks, accum, engine, 8), "selection.budget=6000", "--resume", "latest"],
-                          nproc=ranks, timeout=120)
+                          nproc=ranks, timeout=300)
         assert refused.returncode != 0 and "spt_dist: error: selection.budget: the checkpoint " \
             f"{checkpoint.directory} was written with 3000.0, this run has 6000.0" in refused.stderr, refused.stderr
     result = check(run_job([*args(ranks, accum, engine, 8), "--resume", "latest"], nproc=ranks, timeout=300))

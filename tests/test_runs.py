@@ -68,7 +68,7 @@ def test_method_trains_and_writes_its_run_directory(name, synthetic_shards, tmp_
 ])
 def test_bad_config_exits_with_one_line(override, message, synthetic_shards, tmp_path):
     args = [TRAIN, "--config", "tests/configs/tiny.yaml", *tiny_overrides(synthetic_shards, tmp_path, "bad"), override]
-    result = run_job(args, launcher="python", timeout=120)
+    result = run_job(args, launcher="python", timeout=300)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), result.stderr
@@ -78,7 +78,7 @@ def test_bad_config_exits_with_one_line(override, message, synthetic_shards, tmp
 def test_bad_config_under_two_ranks_fails_fast(synthetic_shards, tmp_path):
     args = [TRAIN, "--config", "tests/configs/tiny.yaml", *tiny_overrides(synthetic_shards, tmp_path, "bad"),
             "model.name=vit_unknown_patch3"]
-    result = run_job(args, nproc=2, timeout=120)
+    result = run_job(args, nproc=2, timeout=300)
     assert result.returncode != 0
     assert result.stderr.count("spt_dist: error: model.name: unknown model") == 1  # said once, by rank 0
 
@@ -127,7 +127,7 @@ def test_a_second_job_on_a_busy_run_directory_is_refused(synthetic_shards, tmp_p
     lock_run_dir(str(run_dir))
     args = [TRAIN, "--config", "tests/configs/tiny.yaml", *tiny_overrides(synthetic_shards, tmp_path, "busy"),
             "--stage", "select", "method.name=spt_lora"]
-    result = run_job(args, launcher="python", timeout=120)
+    result = run_job(args, launcher="python", timeout=300)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         f"spt_dist: error: output.name: the run directory {run_dir} is in use by another job (host "
         f"{socket.gethostname()}, pid {os.getpid()}, since {(run_dir / '.lock').read_text().split(', since ')[1].strip()}"
@@ -145,7 +145,7 @@ def test_a_new_run_where_one_has_trained_is_refused_or_overwritten(synthetic_sha
     (run_dir / "metrics.json").write_text("{}")
     (run_dir / "allocation.json").write_text("{}")
     args = [TRAIN, "--config", "tests/configs/tiny.yaml", *tiny_overrides(synthetic_shards, tmp_path, "used")]
-    result = run_job(args, launcher="python", timeout=120)
+    result = run_job(args, launcher="python", timeout=300)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         f"spt_dist: error: output.name: {run_dir} already holds a training run (checkpoints, metrics.json); continue "
         "it with --resume latest, start it over with output.overwrite=true, or choose another output.name"]

@@ -65,17 +65,17 @@ def test_local_sweep_and_report(tmp_path, synthetic_shards):
         assert m["tflops_per_device"] == pytest.approx(m["images_per_s_per_device"] * m["train_flops_per_image"] / 1e12)
         assert 0 <= m["data_wait_share"] < 1 and m["mfu"] is None  # no peak FLOP/s known for a CPU
 
-    again = _sweep([str(sweep_file), "--output-dir", str(runs)], timeout=120)  # finished runs are not run again
+    again = _sweep([str(sweep_file), "--output-dir", str(runs)], timeout=300)  # finished runs are not run again
     assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 6
     edited = yaml.safe_load(sweep_file.read_text())
     edited["overrides"]["optim.max_steps"] = 5  # an edited sweep must not pass off old results as its own
     sweep_file.write_text(yaml.safe_dump(edited))
-    refused = _sweep([str(sweep_file), "--output-dir", str(runs)], timeout=120)
+    refused = _sweep([str(sweep_file), "--output-dir", str(runs)], timeout=300)
     assert refused.returncode == 2 and "optim.max_steps is 5 in the sweep but 4" in refused.stderr
 
     out = tmp_path / "report"
     report = subprocess.run([sys.executable, "-m", "spt_dist.report", str(study), "--out", str(out)],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr
     with open(out / "runs.csv") as f:
         rows = {r["run"]: r for r in csv.DictReader(f)}

@@ -151,7 +151,7 @@ def test_contrastive_scores_close_across_world_sizes(synthetic_shards, tmp_path)
 def test_bad_selection_settings_fail_with_one_line(overrides, message, synthetic_shards, tmp_path):
     args = [TRAIN, "--config", "tests/configs/tiny.yaml", "--stage", "select",
             *tiny_overrides(synthetic_shards, tmp_path, "bad"), *CALIBRATION, *overrides]
-    result = run_job(args, nproc=1, launcher="python", timeout=120)
+    result = run_job(args, nproc=1, launcher="python", timeout=300)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("spt_dist: error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
@@ -162,5 +162,5 @@ def test_bad_selection_settings_fail_with_one_line(overrides, message, synthetic
 def test_allocate_without_scores_says_what_to_run(synthetic_shards, tmp_path):
     args = [TRAIN, "--config", "tests/configs/tiny.yaml", "--stage", "allocate",
             *tiny_overrides(synthetic_shards, tmp_path, "empty")]
-    result = run_job(args, nproc=1, launcher="python", timeout=120)
+    result = run_job(args, nproc=1, launcher="python", timeout=300)
     assert result.returncode == 2 and "run `--stage score` first" in result.stderr
