@@ -234,12 +234,16 @@ def _save_figure(figure, path: str) -> None:
 
 
 def _log_x(axis, values: list[float]) -> None:
-    """A log x axis with a tick at each value plotted, labelled with plain numbers (0.5, 1, 2), not powers of
-    ten; no minor labels (they overlap), long labels slanted."""
+    """A log x axis with ticks at the values plotted (those at least 30 % apart), labelled with plain numbers
+    (0.5, 1, 2), not powers of ten; no minor labels (they overlap), labels slanted."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter  # noqa: PLC0415
 
+    ticks: list[float] = []
+    for x in sorted(v for v in set(values) if v > 0):
+        if not ticks or x / ticks[-1] >= 1.3:  # points closer than that share the tick on their left
+            ticks.append(x)
     axis.set_xscale("log")
-    axis.xaxis.set_major_locator(FixedLocator(sorted(set(values))))
+    axis.xaxis.set_major_locator(FixedLocator(ticks))
     axis.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:.3g}"))
     axis.xaxis.set_minor_formatter(NullFormatter())
     axis.tick_params(axis="x", labelrotation=30)
