@@ -147,9 +147,9 @@ class ErrorExchange:
     """How the ranks of a job end on a user error only some of them meet (a file only one rank reads or writes):
     the rank that meets it posts it in the job's store and says it; the others, whichever collective they wait
     in, see it posted (a watcher thread: one store request per rank every half second, less often on large jobs),
-    say nothing and exit too (status 2). When every rank
-    meets the same mistake, rank 0 alone says it. Rank 0 may host the store (deepspeed launcher, srun): after its
-    own error it waits until the others have seen it before it exits (`hand_over`). No-op on one rank."""
+    say nothing and exit too (status 2). When every rank meets the same mistake, rank 0 alone says it. Rank 0 may
+    host the store (deepspeed launcher, srun): after its own error it waits until the others have seen it before
+    it exits (`hand_over`). No-op on one rank."""
 
     def __init__(self, poll_s: float = 0.5) -> None:
         self.store, self.me, self.world = _default_store(), rank(), world_size()
