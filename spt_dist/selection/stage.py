@@ -18,10 +18,17 @@ from spt_dist.metrics import RunLogger
 from spt_dist.models import create_model
 from spt_dist.rundir import prepare_run_dir
 from spt_dist.selection.allocation import allocate, check_selection
-from spt_dist.selection.layout import build_layout
+from spt_dist.selection.layout import Layout, build_layout
 from spt_dist.selection.report import save_heatmap, summary
 from spt_dist.selection.scores import check_coverage, load_scores, remove_partial_scores, save_scores
 from spt_dist.selection.scoring import run_score_pass
+
+def _structure(cfg: Config, num_classes: int) -> Layout:
+    """The selection's layout of the configured model. Only the structure is needed: the meta device builds even
+    a ViT-g in no time and no memory."""
+    model = create_model(cfg.model.name, num_classes, img_size=cfg.model.img_size, device="meta")
+    return build_layout(model, cfg.selection.method)
+
 
 def run_selection(cfg: Config, dist_info: DistInfo, stage: str, run_dir: str | None = None,
                   data: Dataset | None = None, resume: str | None = None) -> dict:
@@ -46,13 +53,10 @@ def run_selection(cfg: Config, dist_info: DistInfo, stage: str, run_dir: str | N
         if info["method"] != sel.method or info["model"] != cfg.model.name:
             raise UserError(f"selection.method: the saved scores are {info['method']} scores of {info['model']}; "
                             f"run `--stage score` for {sel.method} on {cfg.model.name}")
-        # Only the structure is needed: the meta device builds even a ViT-g in no time and no memory.
-        model = create_model(cfg.model.name, info["num_classes"], img_size=cfg.model.img_size, device="meta")
-        layout = build_layout(model, sel.method)
+        layout = _structure(cfg, info["num_classes"])
         check_coverage(scores, layout)
     else:
-        meta = create_model(cfg.model.name, data.num_classes, img_size=cfg.model.img_size, device="meta")
-        check_selection(build_layout(meta, sel.method), sel)  # a budget or k that cannot work: before the pass
+        check_selection(_structure(cfg, data.num_classes), sel)  # a budget or k that cannot work: before the pass
         result = run_score_pass(cfg, data, dist_info, say, run_dir=run_dir, resume=resume is not None)
         scores, layout, info = result.scores, result.layout, dict(result.info, num_classes=data.num_classes)
         save_scores(scores, run_dir, dist_info.rank, dist_info.world_size, info)
