@@ -2,7 +2,9 @@
 `--signal`) or SIGINT (Ctrl-C) asks the run to stop. The handler only sets a flag; the trainer reads it at the next
 step boundary and during evaluation, the score pass after each batch, all ranks together (one of them may have
 been signalled first); they save and exit cleanly. A second stop signal ends the process at once, as it would
-without us (for a start-up or a collective that hangs).
+without us (for a start-up or a collective that hangs), unless it comes within DUPLICATE_S of the first: then it
+is a copy of the same request, which launchers make (Slurm signals every task of a step and srun, torchrun's
+agent or DeepSpeed's launcher pass their own copy on).
 
 The handlers are installed once per process, as early as the entry point can (`install()`), so a signal during
 start-up is kept too and ends the run at its first step boundary instead of killing it half-built.
@@ -18,8 +20,10 @@ import os
 import shlex
 import signal
 import threading
+import time
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+DUPLICATE_S = 3.0  # forwarded copies arrive within milliseconds; a deliberate second signal later
 _DEEPSPEED_LAUNCH = "deepspeed.launcher.launch"
 # The launchers whose exit ends their ranks' job (a rank another program started is not watched: a shell script
 # that starts ranks in the background may well end before they do).
@@ -71,18 +75,20 @@ class _LauncherWatch:
 class _Flag:
     def __init__(self) -> None:
         self.received: str | None = None
-        self.signalled = False
+        self.signalled_at: float | None = None
         self.previous: dict = {}
         self.watch: _LauncherWatch | None = None
 
     def handle(self, signum, frame) -> None:  # noqa: ARG002
-        if self.signalled:
+        if self.signalled_at is not None:
+            if time.monotonic() - self.signalled_at < DUPLICATE_S:
+                return  # the same request, passed on by a launcher
             # A second stop signal: stop at once, as without our handler (a start-up stuck waiting for its peers,
             # a collective waiting for a dead one or a save that hangs would otherwise ignore every signal).
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        self.signalled = True
+        self.signalled_at = time.monotonic()
         self.received = signal.Signals(signum).name
 
 
@@ -95,6 +101,8 @@ def install() -> None:
         return
     for sig in SIGNALS:
         _FLAG.previous[sig] = signal.signal(sig, _FLAG.handle)
+    # A launcher may have held them back until now (spt_dist.slurm's task shim): one that came is handled now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
     _FLAG.watch = _LauncherWatch()
 
 
@@ -102,7 +110,7 @@ def uninstall() -> None:
     """Restore the previous handlers and forget what was received (a library user's next run starts afresh)."""
     for sig, handler in _FLAG.previous.items():
         signal.signal(sig, handler)
-    _FLAG.previous, _FLAG.watch, _FLAG.received, _FLAG.signalled = {}, None, None, False
+    _FLAG.previous, _FLAG.watch, _FLAG.received, _FLAG.signalled_at = {}, None, None, None
 
 
 class Preemption:

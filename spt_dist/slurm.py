@@ -1,26 +1,33 @@
 """Slurm launch: the commands every node of a job runs, printed (`--dry-run`, no cluster needed) or run.
 
     python -m spt_dist.slurm launch [--launcher srun|torchrun|deepspeed] [--stage-data DIR] [--dry-run]
-        [--nodelist 'gpu[01-02]' --nodes 2 --gpus-per-node 8 --job-id 1]  --config FILE ... key=value ...
+        [--nodelist 'gpu[01-02]' --nodes 2 --gpus-per-node 8 | --cpu-ranks-per-node 2, --job-id 1]
+        --config FILE ... key=value ...
 
 It runs in the batch step of `launch/slurm/train.sbatch` (hence torch-free) and reads the job from the
 environment Slurm sets (the flags override it for a dry run). train.py's own arguments (--config, --stage,
 --resume, key=value) are passed on, with `--resume latest` added unless --resume is given: a first start
 begins the run, a requeued job continues it.
 
-Launchers (all GPUs of a node are visible to each of its tasks, as with `--gpus-per-node`):
-  srun       one Slurm task per GPU; `task --from-slurm` turns SLURM_PROCID/LOCALID/NTASKS into
+Ranks per node: the GPUs of a node (all visible to each of its tasks, as with `--gpus-per-node`); on nodes
+without GPUs (`sbatch --gpus-per-node=0 --ntasks-per-node=N`) the tasks per node, one CPU rank each.
+Launchers:
+  srun       one Slurm task per rank; `task --from-slurm` turns SLURM_PROCID/LOCALID/NTASKS into
              RANK/LOCAL_RANK/WORLD_SIZE. Node i holds ranks i*G .. i*G+G-1.
   torchrun   one Slurm task per node running a torchrun agent (c10d rendezvous at the first host).
-  deepspeed  the deepspeed launcher, one Slurm task on the first host, with a hostfile of the job's nodes.
-             On several nodes it starts every rank over ssh (pdsh), outside Slurm: Slurm's signal reaches
-             none of them (set output.checkpoint_every_min) and they get no node-local scratch.
+  deepspeed  the deepspeed launcher, one Slurm task on the first host, with a hostfile of the job's nodes. On
+             one node it starts the ranks itself; on several, through DeepSpeed's own `--launcher slurm`: an srun
+             step inside the job (not pdsh over ssh, whose remote shell would run any `;`, `$()` or backtick in a
+             value), so the ranks get Slurm's signal and their node's scratch as with the other launchers.
 
 Preemption: `--signal=USR1@180` reaches the ranks, which stop at the next step, save a checkpoint and exit 0.
-A step that exits 0 with the run unfinished (no metrics.json) is followed by `scontrol requeue`.
+A step that exits 0 with the run unfinished (no metrics.json) is followed by `scontrol requeue`. A stop
+signal to the batch step itself (`--signal=B:USR1@180`, `scancel`) is passed on to the ranks' step; after
+SIGTERM or SIGINT (a cancel, or a preemption that Slurm requeues itself) the job is not requeued by us.
 Per-node layout: logs in <run_dir>/slurm/job-<id>/<host>-<task>.out|.err; node-local scratch
-($SLURM_TMPDIR or /tmp/spt_dist-<id>) for TMPDIR, TORCH_EXTENSIONS_DIR, TRITON_CACHE_DIR; with --stage-data
-the shard directories are first copied to DIR on every node and the run reads the copies.
+($SLURM_TMPDIR or /tmp/spt_dist-<id>) for TMPDIR and TRITON_CACHE_DIR (DeepSpeed's compiled CPU op stays in
+the environment's own cache, built once by install.sh and reused by every job: see engines/op_cache.py);
+with --stage-data the shard directories are first copied to DIR on every node and the run reads the copies.
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ from spt_dist.errors import UserError
 _TRAIN = {"srun": ["-m", TRAIN_MODULE], "torchrun": ["-m", TRAIN_MODULE], "deepspeed": ["--module", TRAIN_MODULE]}
 LAUNCHERS = ("srun", "torchrun", "deepspeed")
 PARTIAL_SCORES = os.path.join(runfiles.SCORES, runfiles.PARTIAL_SCORES)  # a stopped score pass's state
-SCRATCH_DIRS = {"TMPDIR": "tmp", "TORCH_EXTENSIONS_DIR": "torch_extensions", "TRITON_CACHE_DIR": "triton"}
+SCRATCH_DIRS = {"TMPDIR": "tmp", "TRITON_CACHE_DIR": "triton"}
+_FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGTERM, signal.SIGUSR1: signal.SIGUSR1}
 
 
 # --------------------------------------------------------------------------- the job
@@ -111,12 +119,13 @@ def _count(name: str, text: str) -> int:
 class SlurmJob:
     job_id: int
     hosts: tuple[str, ...]
-    gpus_per_node: int
+    ranks_per_node: int  # its GPUs; on nodes without GPUs, its tasks (one CPU rank each)
     master_port: int
     scratch: str  # node-local directory (the same path on every node, each on its own disk)
     cpus_per_node: int | None = None  # None: unknown (srun's own --cpus-per-task default applies)
     omp_threads: int | None = None  # OMP_NUM_THREADS given to each rank; None: left as it is
     restart_count: int = 0
+    gpus: bool = True  # False: CPU ranks
 
     @property
     def nodes(self) -> int:
@@ -124,7 +133,7 @@ class SlurmJob:
 
     @property
     def world_size(self) -> int:
-        return self.nodes * self.gpus_per_node
+        return self.nodes * self.ranks_per_node
 
     @property
     def master_addr(self) -> str:
@@ -132,7 +141,8 @@ class SlurmJob:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, nodelist: str | None = None, nodes: int | None = None,
-                 gpus_per_node: int | None = None, job_id: int | None = None) -> "SlurmJob":
+                 gpus_per_node: int | None = None, cpu_ranks_per_node: int | None = None,
+                 job_id: int | None = None) -> "SlurmJob":
         """The job Slurm describes in `env`; each argument, when given, replaces what the environment says."""
         if job_id is None:
             if "SLURM_JOB_ID" not in env:
@@ -148,20 +158,28 @@ class SlurmJob:
             raise UserError("no nodes: not inside a Slurm job (no SLURM_JOB_NODELIST): give --nodelist or --nodes")
         if nodes is not None and nodes != len(hosts):
             raise UserError(f"--nodes / SLURM_NNODES is {nodes} but the node list '{nodelist}' has {len(hosts)}")
-        gpus = gpus_per_node or _gpus_per_node(env)
+        if gpus_per_node or cpu_ranks_per_node:
+            ranks, on_gpus = (gpus_per_node, True) if gpus_per_node else (cpu_ranks_per_node, False)
+        else:
+            ranks, on_gpus = _ranks_per_node(env)
         cpus = _count("SLURM_CPUS_ON_NODE", env["SLURM_CPUS_ON_NODE"]) if "SLURM_CPUS_ON_NODE" in env else None
         port = int(env.get("MASTER_PORT") or 20000 + job_id % 20000)  # the same on every node, and on a requeue
-        threads = max(1, cpus // gpus) if cpus and "OMP_NUM_THREADS" not in env else None
-        return cls(job_id, tuple(hosts), gpus, port, env.get("SLURM_TMPDIR") or f"/tmp/spt_dist-{job_id}",
-                   cpus, threads, int(env.get("SLURM_RESTART_COUNT", "0")))
+        threads = max(1, cpus // ranks) if cpus and "OMP_NUM_THREADS" not in env else None
+        return cls(job_id, tuple(hosts), ranks, port, env.get("SLURM_TMPDIR") or f"/tmp/spt_dist-{job_id}",
+                   cpus, threads, int(env.get("SLURM_RESTART_COUNT", "0")), on_gpus)
 
 
-def _gpus_per_node(env: Mapping[str, str]) -> int:
-    for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
-        if env.get(name):
-            return _count(name, env[name])
-    raise UserError("GPUs per node unknown (no SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE, SLURM_NTASKS_PER_NODE): "
-                    "give --gpus-per-node")
+def _ranks_per_node(env: Mapping[str, str]) -> tuple[int, bool]:
+    """(ranks per node, on GPUs): the node's GPUs where the job has any, else its tasks per node (a CPU node:
+    `--gpus-per-node=0`, which Slurm reports as 0, or no GPU request at all)."""
+    for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
+        if env.get(name) and env[name].rsplit(":", 1)[-1].strip() not in ("0", ""):
+            return _count(name, env[name]), True
+    if env.get("SLURM_NTASKS_PER_NODE"):
+        return _count("SLURM_NTASKS_PER_NODE", env["SLURM_NTASKS_PER_NODE"]), False
+    raise UserError("ranks per node unknown: the job has no GPUs (SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE) and no "
+                    "SLURM_NTASKS_PER_NODE: give sbatch --gpus-per-node=G, or on CPU nodes --gpus-per-node=0 "
+                    "--ntasks-per-node=N (N ranks per node)")
 
 
 # --------------------------------------------------------------------------- the plan
@@ -235,7 +253,10 @@ def make_plan(job: SlurmJob, launcher: str, train_args: list[str], run_dir: str,
 def _srun(job: SlurmJob, logs: str, log_name: str, tasks_per_node: int, cpus_per_task: int | None,
           nodes: int | None = None) -> list[str]:
     """An srun step over the job's nodes (or the first `nodes`), its tasks' output in per-node, per-task files."""
-    cmd = ["srun", f"--nodes={nodes or job.nodes}", f"--ntasks-per-node={tasks_per_node}", "--kill-on-bad-exit=1",
+    nodes = nodes or job.nodes
+    # --ntasks too: srun would take it from the job's SLURM_NTASKS, which counts the job's tasks, not this step's.
+    cmd = ["srun", f"--nodes={nodes}", f"--ntasks={nodes * tasks_per_node}", f"--ntasks-per-node={tasks_per_node}",
+           "--kill-on-bad-exit=1",
            "--open-mode=append", f"--output={logs}/{log_name}.out", f"--error={logs}/{log_name}.err"]
     return cmd + ([f"--cpus-per-task={cpus_per_task}"] if cpus_per_task else [])
 
@@ -255,7 +276,7 @@ def _log(logs: str, host: str, task: int | str) -> str:
 
 
 def _srun_ranks(job: SlurmJob, train: list[str], logs: str, step_env: dict[str, str]) -> Launch:
-    g = job.gpus_per_node
+    g = job.ranks_per_node
     # Slurm's block distribution: node i holds tasks i*g .. i*g+g-1, and the task id is the rank.
     env = dict(step_env, MASTER_ADDR=job.master_addr, MASTER_PORT=str(job.master_port))
     argv = [*_task_shim(job, "--from-slurm"), sys.executable, *train]
@@ -269,7 +290,7 @@ def _srun_ranks(job: SlurmJob, train: list[str], logs: str, step_env: dict[str, 
 
 
 def _torchrun_agents(job: SlurmJob, train: list[str], logs: str, step_env: dict[str, str]) -> Launch:
-    g = job.gpus_per_node
+    g = job.ranks_per_node
     # The agent must survive Slurm's SIGUSR1 (its default action kills); the ranks install their own handler.
     argv = [*_task_shim(job, "--ignore-usr1"), sys.executable, "-m", "torch.distributed.run",
             f"--nnodes={job.nodes}", f"--nproc_per_node={g}", "--rdzv_backend=c10d",
@@ -287,18 +308,29 @@ def _torchrun_agents(job: SlurmJob, train: list[str], logs: str, step_env: dict[
 
 
 def _deepspeed_launcher(job: SlurmJob, train: list[str], logs: str, step_env: dict[str, str]) -> Launch:
-    g = job.gpus_per_node
+    g = job.ranks_per_node
     hostfile = os.path.join(logs, "hostfile")
-    # One task on the first host: on one node its ranks are in the step and get Slurm's signal; on several the
-    # launcher starts every rank over ssh (pdsh), outside Slurm, so none does: see output.checkpoint_every_min.
-    argv = [*_task_shim(job, "--ignore-usr1"), sys.executable, "-m", "deepspeed.launcher.runner",
-            f"--hostfile={hostfile}", f"--master_addr={job.master_addr}", f"--master_port={job.master_port}", *train]
-    step = with_env(step_env, [*_srun(job, logs, "%N-%t", 1, job.cpus_per_node, nodes=1),
-                               f"--nodelist={job.master_addr}", *argv])
-    launcher = Task("deepspeed launcher", dict(step_env, **_slurm_task_env(job, 0, 0, 0, 1)), argv,
+    # No ssh check: nothing here is started over ssh (DeepSpeed checks whenever it is given a hostfile).
+    runner = [sys.executable, "-m", "deepspeed.launcher.runner", f"--hostfile={hostfile}", "--no_ssh_check",
+              f"--master_addr={job.master_addr}", f"--master_port={job.master_port}"]
+    env = dict(step_env)
+    if job.nodes == 1:  # the runner starts the node's ranks itself, inside this step (they get Slurm's signal)
+        runner += train
+    else:
+        # DeepSpeed's Slurm runner: `srun -n <world> <launcher_args> --export=ALL,... python -u <script> <args>`,
+        # its argv a list (no remote shell, unlike pdsh). The ranks' step overlaps this one (which holds the
+        # first node's CPUs); each rank goes through the task shim as under the srun launcher.
+        rank_step = _srun(job, logs, "%N-%t", g, job.cpus_per_node // g if job.cpus_per_node else None)[1:]
+        runner += ["--launcher=slurm", f"--launcher_args={shlex.join([*rank_step, '--overlap'])}",
+                   "--", *_task_shim(job, "--from-slurm")[1:], sys.executable, "-m", *train[1:]]  # not --module
+        env.update(MASTER_ADDR=job.master_addr, MASTER_PORT=str(job.master_port))
+    argv = [*_task_shim(job, "--ignore-usr1"), *runner]
+    step = with_env(env, [*_srun(job, logs, "%N-%t", 1, job.cpus_per_node, nodes=1), f"--nodelist={job.master_addr}",
+                          *argv])
+    launcher = Task("deepspeed launcher", dict(env, **_slurm_task_env(job, 0, 0, 0, 1)), argv,
                     _log(logs, job.master_addr, 0))
     nodes = [Node(i, host, range(i * g, (i + 1) * g), [launcher] if i == 0 else [],
-                  "" if i == 0 else f"ranks started over ssh (pdsh) by the deepspeed launcher on {job.master_addr}")
+                 "" if i == 0 else f"ranks started by the deepspeed launcher on {job.master_addr} (its srun step)")
              for i, host in enumerate(job.hosts)]
     return step, nodes, {hostfile: "".join(f"{host} slots={g}\n" for host in job.hosts)}
 
@@ -371,6 +403,7 @@ def _launch_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nodelist", help="instead of SLURM_JOB_NODELIST, e.g. 'gpu[01-02]'")
     parser.add_argument("--nodes", type=int, help="instead of SLURM_NNODES (alone: hosts node0, node1, ...)")
     parser.add_argument("--gpus-per-node", type=int, help="instead of SLURM_GPUS_ON_NODE / SLURM_GPUS_PER_NODE")
+    parser.add_argument("--cpu-ranks-per-node", type=int, help="instead of SLURM_NTASKS_PER_NODE on CPU nodes")
     parser.add_argument("--job-id", type=int, help="instead of SLURM_JOB_ID")
     train = parser.add_argument_group("train.py's arguments (passed on)")
     train.add_argument("--config", action="append", default=[], metavar="YAML")
@@ -398,6 +431,7 @@ def plan_from_args(argv: list[str], env: Mapping[str, str]) -> tuple[Plan, argpa
     cfg = load_config(args.config or None, args.overrides)
     run_dir = _run_dir(cfg, args.resume)
     job = SlurmJob.from_env(env, nodelist=args.nodelist, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                            cpu_ranks_per_node=args.cpu_ranks_per_node,
                             job_id=args.job_id)
     copies, staged = stage_data(cfg, args.stage_data) if args.stage_data else ({}, [])
     train_args = [arg for path in args.config for arg in ("--config", path)]
@@ -409,7 +443,8 @@ def plan_from_args(argv: list[str], env: Mapping[str, str]) -> tuple[Plan, argpa
 
 def describe(plan: Plan) -> str:
     job = plan.job
-    lines = [f"job {job.job_id} (restart {job.restart_count}): {job.nodes} node(s) x {job.gpus_per_node} GPUs = "
+    lines = [f"job {job.job_id} (restart {job.restart_count}): {job.nodes} node(s) x {job.ranks_per_node} "
+             f"{'GPUs' if job.gpus else 'CPU ranks'} = "
              f"{job.world_size} ranks; master {job.master_addr}:{job.master_port}; launcher {plan.launcher}",
              f"run directory: {plan.run_dir}",
              f"logs: {plan.slurm_dir}/<host>-<task>.out and .err",
@@ -431,19 +466,80 @@ def _exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode  # killed by signal N: 128+N, as a shell says
 
 
+class _StepSignals:
+    """While a step runs, the batch step's stop signals go on to it (srun passes them to every task), once
+    each: `--signal=B:USR1@N` or a `kill` of the batch step reach the ranks too. SIGTERM and SIGINT (scancel,
+    or a preemption that Slurm requeues itself) also mean: no requeue of ours afterwards."""
+
+    def __init__(self) -> None:
+        self.step: subprocess.Popen | None = None
+        self.received: list[str] = []
+        for sig in _FORWARDED:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        name = signal.Signals(signum).name
+        if name not in self.received:
+            self.received.append(name)
+            if self.step is not None and self.step.poll() is None:
+                self.step.send_signal(_FORWARDED[signal.Signals(signum)])
+
+    def run(self, argv: list[str]) -> int:
+        self.step = subprocess.Popen(argv)
+        return self.step.wait()
+
+    @property
+    def cancelled(self) -> bool:
+        return "SIGTERM" in self.received or "SIGINT" in self.received
+
+
 def run_plan(plan: Plan) -> int:
     os.makedirs(plan.slurm_dir, exist_ok=True)  # srun opens the log files there, on the shared file system
     for path, content in plan.files.items():
         write_text(path, content)
+    signals = _StepSignals()
     for step in plan.steps:
         print(f"spt_dist.slurm: {shlex.join(step)}", flush=True)
-        returncode = subprocess.run(step).returncode
+        returncode = signals.run(step)
+        if signals.cancelled:
+            if _time_limit_reached(plan.job.job_id) and needs_requeue(0, plan.run_dir, plan.stage):
+                print("spt_dist.slurm: the time limit ended the job (no --signal, or it came too late); the ranks "
+                      f"saved on its SIGTERM: scontrol requeue {plan.job.job_id}", flush=True)
+                return _requeue(plan)
+            print(f"spt_dist.slurm: {' and '.join(signals.received)} received (cancelled or preempted): "
+                  "the ranks saved what they could; not requeued", flush=True)
+            return _exit_status(returncode)
+        if returncode == 128 + signal.SIGUSR1:  # srun: a task ended by the signal, before it could handle it
+            print("spt_dist.slurm: SIGUSR1 ended a task in its first moments, before its handler was set: the run "
+                  f"goes on from its last checkpoint: scontrol requeue {plan.job.job_id}", flush=True)
+            return _requeue(plan)
         if returncode != 0:
             return _exit_status(returncode)
     if not needs_requeue(0, plan.run_dir, plan.stage):
         return 0
     print(f"spt_dist.slurm: the run stopped early with its state saved: scontrol requeue {plan.job.job_id}",
           flush=True)
+    return _requeue(plan)
+
+
+def _seconds(text: str | None) -> int | None:
+    """Slurm's `[D-]HH:MM:SS` (or `MM:SS`) in seconds; None for UNLIMITED and the like."""
+    match = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text or "")
+    if not match:
+        return None
+    days, hours, minutes, secs = (int(g or 0) for g in match.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + secs
+
+
+def _time_limit_reached(job_id: int) -> bool:
+    """Whether the job has run its time limit (Slurm's SIGTERM then ends a timeout, not a cancel)."""
+    shown = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True).stdout
+    fields = dict(re.findall(r"(\w+)=(\S*)", shown))
+    limit, ran = _seconds(fields.get("TimeLimit")), _seconds(fields.get("RunTime"))
+    return limit is not None and ran is not None and ran >= limit
+
+
+def _requeue(plan: Plan) -> int:
     return _exit_status(subprocess.run(["scontrol", "requeue", str(plan.job.job_id)]).returncode)
 
 
@@ -471,6 +567,9 @@ def run_task(argv: list[str]) -> None:
     env = os.environ
     if args.from_slurm:
         env.update(RANK=env["SLURM_PROCID"], LOCAL_RANK=env["SLURM_LOCALID"], WORLD_SIZE=env["SLURM_NTASKS"])
+        # A stop signal from here until the rank's handlers are set (its interpreter starting, its imports) stays
+        # pending instead of killing it: the mask survives exec, and preemption.install() lifts it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
     for var, sub in SCRATCH_DIRS.items():  # per node: ranks of different nodes never share a compile cache
         env.setdefault(var, os.path.join(args.scratch, sub))
         os.makedirs(env[var], exist_ok=True)

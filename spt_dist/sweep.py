@@ -252,19 +252,21 @@ def run_local(sweep: Sweep, dry_run: bool = False, say=print) -> int:
 
 
 def sbatch_command(run: Run, sweep: Sweep, gpus_per_node: int, extra: list[str],
-                   launch_args: list[str] = ()) -> list[str]:
+                   launch_args: list[str] = (), cpu: bool = False) -> list[str]:
     """`sbatch` for one run through the job script (train.sbatch): as many whole nodes as the world size needs
     (one node with fewer GPUs for a smaller run). `extra`: sbatch's own options; `launch_args`: the job
-    script's (spt_dist.slurm launch: --launcher, --stage-data)."""
+    script's (spt_dist.slurm launch: --launcher, --stage-data). `cpu`: nodes without GPUs, `gpus_per_node`
+    CPU ranks each (the job asks for --gpus-per-node=0)."""
+    flag = "--cpu-ranks-per-node" if cpu else "--gpus-per-node"
     nodes = math.ceil(run.world_size / gpus_per_node)
     if run.world_size > gpus_per_node and run.world_size % gpus_per_node:
-        raise UserError(f"world_size {run.world_size} of run {run.name}: not a multiple of --gpus-per-node "
+        raise UserError(f"world_size {run.world_size} of run {run.name}: not a multiple of {flag} "
                         f"{gpus_per_node} (multi-node runs use whole nodes)")
     per_node = min(run.world_size, gpus_per_node)
     logs = os.path.join(sweep.directory, runfiles.SWEEP_LOGS)
     # The job script finds this interpreter wherever the sweep was started from.
     return ["sbatch", f"--job-name={sweep.name}-{run.name}", f"--nodes={nodes}", f"--ntasks-per-node={per_node}",
-            f"--gpus-per-node={per_node}", f"--output={logs}/{run.name}-%j.out",
+            f"--gpus-per-node={0 if cpu else per_node}", f"--output={logs}/{run.name}-%j.out",
             f"--export=ALL,SPT_PYTHON={sys.executable}", *extra, SBATCH, *launch_args, *run.train_args(sweep.directory)]
 
 
@@ -281,7 +283,7 @@ def _live_jobs(job_ids: list[str]) -> set[str]:
 
 
 def submit_slurm(sweep: Sweep, gpus_per_node: int, extra: list[str], launch_args: list[str] = (),
-                 dry_run: bool = False, say=print) -> int:
+                 dry_run: bool = False, say=print, cpu: bool = False) -> int:
     """Submits every run that is neither finished nor still queued or running (its last job, from
     slurm_jobs.json, is in squeue) as its own job. Returns the number of failed submissions."""
     jobs_path = os.path.join(sweep.directory, JOBS_FILE)
@@ -295,7 +297,7 @@ def submit_slurm(sweep: Sweep, gpus_per_node: int, extra: list[str], launch_args
         elif jobs.get(run.name) in live:
             say(f"# {run.name}: job {jobs[run.name]} is still queued or running, not submitted")
         else:
-            commands.append((run, sbatch_command(run, sweep, gpus_per_node, extra, launch_args)))
+            commands.append((run, sbatch_command(run, sweep, gpus_per_node, extra, launch_args, cpu)))
     if commands and not dry_run and shutil.which("sbatch") is None:
         raise UserError("--slurm: no `sbatch` on PATH (run this on a Slurm login node, or use --dry-run)")
     failed = 0
@@ -325,21 +327,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep", help="sweep YAML (see sweeps/)")
     parser.add_argument("--output-dir", help="where the sweep directory goes (default: the runs' output.dir)")
     parser.add_argument("--slurm", action="store_true", help="submit each run with sbatch (the train.sbatch job script)")
-    parser.add_argument("--gpus-per-node", type=int, default=8, help="--slurm: GPUs (ranks) per node")
+    per_node = parser.add_mutually_exclusive_group()
+    per_node.add_argument("--gpus-per-node", type=int, default=8, help="--slurm: GPUs (ranks) per node (default 8)")
+    per_node.add_argument("--cpu-ranks-per-node", type=int,
+                          help="--slurm on nodes without GPUs: ranks per node (the jobs ask for no GPU)")
     parser.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
                         help="--slurm: extra sbatch argument, e.g. --sbatch-arg=--partition=gpu (repeatable)")
     parser.add_argument("--launch-arg", action="append", default=[], metavar="ARG",
                         help="--slurm: argument for the job script, e.g. --launch-arg=--launcher=torchrun (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
-    if args.gpus_per_node < 1:
-        raise UserError(f"--gpus-per-node: must be >= 1 (got {args.gpus_per_node})")
+    cpu = args.cpu_ranks_per_node is not None
+    per_node = args.cpu_ranks_per_node if cpu else args.gpus_per_node
+    if per_node < 1:
+        raise UserError(f"{'--cpu-ranks-per-node' if cpu else '--gpus-per-node'}: must be >= 1 (got {per_node})")
     sweep = load_sweep(args.sweep, args.output_dir)
     print(f"sweep {sweep.name}: {len(sweep.runs)} runs in {sweep.directory}", flush=True)
     if not args.dry_run:
         write_manifest(sweep, args.sweep)
     if args.slurm:
-        failed = submit_slurm(sweep, args.gpus_per_node, args.sbatch_arg, args.launch_arg, args.dry_run)
+        failed = submit_slurm(sweep, per_node, args.sbatch_arg, args.launch_arg, args.dry_run, cpu=cpu)
     else:
         failed = run_local(sweep, args.dry_run, say=lambda line: print(line, flush=True))
     if failed:

@@ -121,27 +121,8 @@ def test_slurm_submission_plan(tmp_path, synthetic_shards):
     odd = load_sweep(str(_sweep_file(tmp_path, synthetic_shards, {"world_size": [12]})), str(tmp_path))
     with pytest.raises(UserError, match="world_size 12 .* not a multiple of --gpus-per-node 8"):
         sbatch_command(odd.runs[0], odd, gpus_per_node=8, extra=[])
-
-
-def test_slurm_submission_skips_live_jobs(tmp_path, synthetic_shards):
-    """Submitted job ids are kept; a run whose job squeue still lists is not submitted again. (Stand-in sbatch
-    and squeue: no Slurm here. sbatch answers job 4242 and records its arguments; squeue lists 4242.)"""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/sbatch.args\necho 4242\n')
-    (bin_dir / "squeue").write_text("#!/bin/sh\necho 4242\n")
-    for tool in ("sbatch", "squeue"):
-        (bin_dir / tool).chmod(0o755)
-    sweep_file = _sweep_file(tmp_path, synthetic_shards, {"world_size": [8]})
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
-    args = [sys.executable, str(REPO / "launch/sweep.py"), str(sweep_file), "--output-dir", str(tmp_path), "--slurm"]
-    first = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
-    assert first.returncode == 0, first.stderr
-    assert "--parsable" in (tmp_path / "sbatch.args").read_text()
-    assert json.loads((tmp_path / "study" / "slurm_jobs.json").read_text()) == {"000-run": "4242"}
-    second = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
-    assert second.returncode == 0 and "job 4242 is still queued or running, not submitted" in second.stdout
-    assert len((tmp_path / "sbatch.args").read_text().splitlines()) == 1
+    cpu = sbatch_command(sweep.runs[0], sweep, gpus_per_node=2, extra=[], cpu=True)  # CPU nodes: 2 ranks each
+    assert {"--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=0"} <= set(cpu)
 
 
 def test_papers_table_group_means():

@@ -1,25 +1,23 @@
 """Slurm launch (spt_dist/slurm.py, launch/slurm/train.sbatch) without a cluster: host lists, the job read from
-Slurm's environment, the dry run of a 2 nodes x 8 GPUs job through the real sbatch script for every launcher,
-data staging, the requeue rule, and one real 2-rank run started exactly as srun would start its tasks."""
+Slurm's environment (GPU and CPU nodes), the dry run of a 2 nodes x 8 GPUs job through the real sbatch script for
+every launcher, data staging, the requeue rule, the task shim and the stop-signal rules. Real jobs on a real
+cluster: tests/test_slurm_cluster.py."""
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from spt_dist.errors import UserError
 from spt_dist.slurm import SlurmJob, expand_hostlist, needs_requeue, plan_from_args
-from tests.conftest import REPO, free_port, kill_tree, tiny_overrides
+from tests.conftest import REPO, tiny_overrides
 
 SBATCH = str(REPO / "launch" / "slurm" / "train.sbatch")
 TINY = str(REPO / "tests" / "configs" / "tiny.yaml")
@@ -50,7 +48,7 @@ def test_bad_hostlist_is_a_user_error(spec):
 
 def test_job_from_environment():
     job = SlurmJob.from_env(SLURM_2X8)
-    assert (job.hosts, job.gpus_per_node, job.world_size) == (("gpu01", "gpu02"), 8, 16)
+    assert (job.hosts, job.ranks_per_node, job.gpus, job.world_size) == (("gpu01", "gpu02"), 8, True, 16)
     assert (job.master_addr, job.master_port, job.omp_threads) == ("gpu01", 24242, 12)
     assert job.scratch == "/tmp/spt_dist-4242"
     # GPU count from the task count; MASTER_PORT, OMP_NUM_THREADS and SLURM_TMPDIR as set; flags win.
@@ -58,8 +56,14 @@ def test_job_from_environment():
            "OMP_NUM_THREADS": "3", "SLURM_CPUS_ON_NODE": "16", "SLURM_TMPDIR": "/local/job9",
            "SLURM_RESTART_COUNT": "2"}
     job = SlurmJob.from_env(env)
-    assert (job.nodes, job.gpus_per_node, job.master_port, job.omp_threads, job.scratch, job.restart_count) == \
+    assert (job.nodes, job.ranks_per_node, job.master_port, job.omp_threads, job.scratch, job.restart_count) == \
         (3, 4, 2345, None, "/local/job9", 2)
+    # A CPU node (sbatch --gpus-per-node=0 --ntasks-per-node=2): one rank per task, threads = CPUs / ranks.
+    cpu = SlurmJob.from_env(dict(SLURM_2X8, SLURM_GPUS_PER_NODE="0", SLURM_NTASKS_PER_NODE="2",
+                                 SLURM_CPUS_ON_NODE="8"))
+    assert (cpu.ranks_per_node, cpu.gpus, cpu.world_size, cpu.omp_threads) == (2, False, 4, 4)
+    with pytest.raises(UserError, match="--gpus-per-node=0 --ntasks-per-node=N"):
+        SlurmJob.from_env({k: v for k, v in SLURM_2X8.items() if k != "SLURM_GPUS_PER_NODE"})
     assert SlurmJob.from_env(env, nodelist="x[1-2]", gpus_per_node=2, job_id=5).hosts == ("x1", "x2")
     with pytest.raises(UserError, match="SLURM_NNODES is 2"):
         SlurmJob.from_env(dict(SLURM_2X8, SLURM_JOB_NODELIST="gpu01"))
@@ -115,9 +119,9 @@ def test_dry_run_2_nodes_x_8_gpus(launcher, tmp_path):
                                        "output.name=big"]
         assert "--scratch=/tmp/spt_dist-4242" in argv
 
-    step_logs = f"--kill-on-bad-exit=1 --open-mode=append --output={logs}/%N-%t.out --error={logs}/%N-%t.err"
+    step_logs = f"--ntasks-per-node={{}} --kill-on-bad-exit=1 --open-mode=append --output={logs}/%N-%t.out --error={logs}/%N-%t.err"
     if launcher == "srun":
-        assert f"srun --nodes=2 --ntasks-per-node=8 {step_logs} --cpus-per-task=12" in out
+        assert f"srun --nodes=2 --ntasks=16 {step_logs.format(8)} --cpus-per-task=12" in out
         for node in nodes:
             assert len(node["tasks"]) == 8
             for local, task in enumerate(node["tasks"]):
@@ -129,7 +133,7 @@ def test_dry_run_2_nodes_x_8_gpus(launcher, tmp_path):
                 assert "--from-slurm" in task["argv"]
         assert sorted(int(env_of(a)["SLURM_PROCID"]) for a in commands) == list(range(16))
     elif launcher == "torchrun":
-        assert f"srun --nodes=2 --ntasks-per-node=1 {step_logs} --cpus-per-task=96" in out
+        assert f"srun --nodes=2 --ntasks=2 {step_logs.format(1)} --cpus-per-task=96" in out
         for i, node in enumerate(nodes):
             (task,) = node["tasks"]
             assert task["label"] == f"torchrun agent, node rank {i}" and task["log"] == f"{logs}/{node['host']}-{i}.out"
@@ -140,10 +144,18 @@ def test_dry_run_2_nodes_x_8_gpus(launcher, tmp_path):
     else:
         assert f"file {logs}/hostfile:\n  gpu01 slots=8\n  gpu02 slots=8\n" in out
         (task,) = nodes[0]["tasks"]
-        assert nodes[1]["tasks"] == [] and "started over ssh (pdsh) by the deepspeed launcher on gpu01" in out
-        for flag in (f"--hostfile={logs}/hostfile", "--master_addr=gpu01", "--master_port=24242", "--ignore-usr1"):
-            assert flag in task["argv"]
-        assert "--nodes=1" in out and "--nodelist=gpu01" in out
+        assert nodes[1]["tasks"] == [] and "ranks started by the deepspeed launcher on gpu01 (its srun step)" in out
+        argv = task["argv"]
+        for flag in (f"--hostfile={logs}/hostfile", "--master_addr=gpu01", "--master_port=24242", "--ignore-usr1",
+                     "--launcher=slurm", "--no_ssh_check"):
+            assert flag in argv
+        assert "--nodes=1 --ntasks=1" in out and "--nodelist=gpu01" in out
+        # DeepSpeed's Slurm runner: an srun step of 16 ranks (no pdsh, no remote shell), each through the shim.
+        (srun_args,) = [a.split("=", 1)[1] for a in argv if a.startswith("--launcher_args=")]
+        assert shlex.split(srun_args) == ["--nodes=2", "--ntasks=16", *step_logs.format(8).split(),
+                                          "--cpus-per-task=12", "--overlap"]
+        script = argv[argv.index("--", argv.index("--launcher=slurm")) + 1:]
+        assert script[:4] == ["-m", "spt_dist.slurm", "task", "--from-slurm"] and "--module" not in script
 
 
 def test_torchrun_node_ranks_follow_the_rendezvous_order():
@@ -158,7 +170,7 @@ def test_stage_data_copies_shard_directories_and_points_the_run_at_them(syntheti
     plan, _ = plan_from_args(["--stage-data", str(local), "--config", TINY,
                               *tiny_overrides(synthetic_shards, tmp_path, "staged")], SLURM_2X8)
     copy_step, train_step = plan.steps
-    assert copy_step[:3] == ["srun", "--nodes=2", "--ntasks-per-node=1"]
+    assert copy_step[:4] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1"]
     copy_dir = local / synthetic_shards.name
     assert train_args_of(train_step)[-2:] == [f"data.train_shards={copy_dir}/train-{{000000..000007}}.tar",
                                              f"data.eval_shards={copy_dir}/test-{{000000..000001}}.tar"]
@@ -198,69 +210,22 @@ def test_task_shim_lets_a_launcher_survive_usr1(tmp_path):
     assert result.stdout.split() == ["SIG_IGN", "True"], result.stderr  # inherited by the ranks it starts
 
 
-def _srun_plan(synthetic_shards, tmp_path, name: str, *overrides: str):
-    """The plan of a 1 node x 2 "GPUs" job on 127.0.0.1 and its two rank tasks."""
-    env = {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "127.0.0.1", "SLURM_NNODES": "1", "SLURM_GPUS_ON_NODE": "2",
-           "SLURM_CPUS_ON_NODE": "2", "MASTER_PORT": str(free_port()), "SLURM_TMPDIR": str(tmp_path / "scratch")}
-    plan, _ = plan_from_args(["--config", TINY, *tiny_overrides(synthetic_shards, tmp_path, name), *overrides], env)
-    tasks = [task for node in plan.nodes for task in node.tasks]
-    assert [t.label for t in tasks] == ["rank 0", "rank 1"]
-    os.makedirs(plan.slurm_dir, exist_ok=True)
-    return plan, tasks
+def test_a_rank_task_holds_stop_signals_until_its_handlers_are_set(tmp_path):
+    """Slurm's USR1 may come while a rank's interpreter is still starting: the shim blocks the stop signals
+    across exec, so the signal waits for preemption.install() instead of killing the rank."""
+    probe = ("import os, signal; os.kill(os.getpid(), signal.SIGUSR1); "  # before any handler: kept pending
+             "from spt_dist import preemption; preemption.install(); print(preemption._FLAG.received)")
+    env = dict(os.environ, SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS="1")
+    result = subprocess.run([sys.executable, "-m", "spt_dist.slurm", "task", "--from-slurm", f"--scratch={tmp_path}",
+                             "--", sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout.strip()) == (0, "SIGUSR1"), result.stderr
 
 
-def _start_tasks(tasks) -> list[subprocess.Popen]:
-    """Each task's command and environment, as srun would start them, output where srun's --output puts it."""
-    own = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "TMPDIR",
-           "TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR")
-    base = {k: v for k, v in os.environ.items() if k not in own and not k.startswith("SLURM_")}
-    procs = []
-    for task in tasks:
-        with open(task.log, "a") as log:
-            procs.append(subprocess.Popen(task.command(), cwd=REPO, env=dict(base, PYTHONUNBUFFERED="1"),
-                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    return procs
-
-
-def _wait_tasks(procs, tasks, timeout: float = 300) -> None:
-    """Waits until every rank has exited 0; fails (killing them all) on another exit status or the timeout."""
-    deadline = time.monotonic() + timeout
-    while any(p.poll() is None for p in procs) and time.monotonic() < deadline and \
-            all(p.poll() in (None, 0) for p in procs):
-        time.sleep(0.2)
-    codes = [p.poll() for p in procs]
-    if codes != [0, 0]:
-        for p in procs:
-            kill_tree(p.pid)
-        logs = "\n".join(f"--- {t.log}\n{Path(t.log).read_text()[-3000:]}" for t in tasks)
-        pytest.fail(f"ranks exited {codes} (None: still running after {timeout} s)\n{logs}")
-
-
-def test_srun_tasks_of_a_plan_train_for_real(synthetic_shards, tmp_path):
-    """1 node x 2 "GPUs" on 127.0.0.1: each task's command and environment, as srun would start them."""
-    plan, tasks = _srun_plan(synthetic_shards, tmp_path, "srun")
-    _wait_tasks(_start_tasks(tasks), tasks)
-    metrics = json.loads((Path(plan.run_dir) / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["steps"] == 3
-    assert not needs_requeue(0, plan.run_dir)
-    assert (tmp_path / "scratch" / "triton").is_dir()  # node-local scratch made by each task
-
-
-def test_usr1_stops_the_ranks_and_the_requeued_job_finishes(synthetic_shards, tmp_path):
-    """Slurm's --signal=USR1 reaches every task of the step: the ranks save and exit 0, the run is unfinished
-    (requeue), and the same commands started again (the requeued job) continue it to the end."""
-    plan, tasks = _srun_plan(synthetic_shards, tmp_path, "preempted", "optim.max_steps=200")
-    procs = _start_tasks(tasks)
-    deadline = time.monotonic() + 300
-    while " steps (" not in Path(tasks[0].log).read_text():  # rank 0 prints the plan once both ranks are set up
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), Path(tasks[0].log).read_text()
-        time.sleep(0.05)
-    for p in procs:
-        os.kill(p.pid, signal.SIGUSR1)
-    _wait_tasks(procs, tasks)
-    assert "stopped by SIGUSR1" in Path(tasks[0].log).read_text()
-    assert needs_requeue(0, plan.run_dir) and not (Path(plan.run_dir) / "metrics.json").exists()
-    _wait_tasks(_start_tasks(tasks), tasks)  # the requeued job: --resume latest continues from the checkpoint
-    metrics = json.loads((Path(plan.run_dir) / "metrics.json").read_text())
-    assert metrics["steps"] == 200 and 0 < metrics["resumed_from_step"] < 200
-    assert not needs_requeue(0, plan.run_dir)
+def test_copies_of_a_stop_signal_are_one_request_and_a_later_one_ends_the_rank():
+    """Slurm signals every task and srun or torchrun pass their own copy on: copies within DUPLICATE_S are one
+    request; a deliberate second signal after that ends the process at once."""
+    probe = ("import os, signal; from spt_dist import preemption as p; p.install(); "
+             "[os.kill(os.getpid(), signal.SIGTERM) for _ in range(3)]; print(p._FLAG.received, flush=True); "
+             "p._FLAG.signalled_at -= p.DUPLICATE_S; os.kill(os.getpid(), signal.SIGTERM); print('survived')")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout.split()) == (-15, ["SIGTERM"]), result.stderr

@@ -1,0 +1,248 @@
+"""Slurm for real: a private cluster on this machine (launch/slurm/local_cluster.py: munge, slurmctld and two
+slurmd nodes, each in a network namespace of its own) runs the job script `launch/slurm/train.sbatch` as users
+submit it: every launcher on 2 nodes x 1 rank and 1 node x 2 ranks, preemption by the time limit (Slurm's own
+--signal, requeued until done, weights equal to an uninterrupted run), a signal during start-up, scancel, a node
+that dies mid-job, and a sweep submitted with --slurm.
+
+Skipped where no cluster can start (not root, Slurm not installed), except under SPT_REQUIRE_SLURM=1 (.ci/run
+sets it), where that fails. Slurm holds a requeued job for 120 s (Reason=BeginTime); the tests release it at once
+(`scontrol update StartTime=now`, what an operator may do) to keep the suite short."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spt_dist.engines.op_cache import private_op_cache
+from tests.conftest import REPO, check, run_job, tiny_overrides
+
+SBATCH = str(REPO / "launch" / "slurm" / "train.sbatch")
+TINY = str(REPO / "tests" / "configs" / "tiny.yaml")
+_spec = importlib.util.spec_from_file_location("local_cluster", REPO / "launch" / "slurm" / "local_cluster.py")
+local_cluster = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(local_cluster)
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    why = local_cluster.missing_requirements()
+    if why:
+        if os.environ.get("SPT_REQUIRE_SLURM") == "1":
+            pytest.fail(f"SPT_REQUIRE_SLURM=1 but no Slurm cluster can start here: {why}")
+        pytest.skip(f"no local Slurm cluster: {why}")
+    cluster = local_cluster.Cluster(str(tmp_path_factory.mktemp("slurm")), nodes=2, cpus=4)
+    cluster.up()
+    yield cluster
+    cluster.down()
+
+
+def slurm(cluster, *args: str, check_rc: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=REPO,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", **cluster.env()))
+    assert not check_rc or result.returncode == 0, f"{' '.join(args)}: {result.stderr}"
+    return result
+
+
+def submit(cluster, tmp_path: Path, shape: tuple[int, int], *script_args: str, sbatch_args: tuple = ()) -> int:
+    """train.sbatch on `shape` = (nodes, ranks per node) of the CPU nodes, as a user submits it."""
+    nodes, ranks = shape
+    result = slurm(cluster, "sbatch", "--parsable", f"--nodes={nodes}", f"--ntasks-per-node={ranks}",
+                   "--gpus-per-node=0", "--cpus-per-task=1", f"--output={tmp_path}/sbatch-%j.out", *sbatch_args,
+                   SBATCH, *script_args)
+    return int(result.stdout.strip().split(";")[0])
+
+
+def job_info(cluster, job: int) -> dict[str, str]:
+    line = slurm(cluster, "scontrol", "show", "job", "-o", str(job)).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", line))
+
+
+def wait_job(cluster, job: int, timeout: float = 300, until=None) -> dict[str, str]:
+    """Waits for the job to end (or for `until(info)`), releasing it from the 120 s hold after each requeue.
+    Fails, with the job's logs, on the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = job_info(cluster, job)
+        if until(info) if until else info["JobState"] in ENDED:
+            if info["JobState"] in ENDED:  # a record of every job: state, requeues, submit to end
+                with open(os.path.join(cluster.dir, "jobs.jsonl"), "a") as f:
+                    f.write(json.dumps({k: info.get(k) for k in ("JobId", "JobState", "Restarts", "SubmitTime",
+                                                                 "EndTime", "NumNodes", "NumTasks", "StdOut")}) + "\n")
+            return info
+        if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
+            slurm(cluster, "scontrol", "update", f"JobId={job}", "StartTime=now", check_rc=False)
+        time.sleep(0.5)
+    slurm(cluster, "scancel", str(job), check_rc=False)
+    pytest.fail(f"job {job} not done after {timeout} s: {info}\n{job_logs(info)}")
+
+
+def job_logs(info: dict[str, str]) -> str:
+    out = Path(info.get("StdOut", ""))
+    text = f"--- {out}\n{out.read_text()[-3000:]}" if out.is_file() else ""
+    run_dir = re.search(r"=(/[^\s=]+)/slurm/job-", text)
+    if run_dir:
+        for log in sorted(Path(run_dir[1]).glob("slurm/job-*/*")):
+            text += f"\n--- {log}\n{log.read_text(errors='replace')[-2000:]}"
+    return text
+
+
+def finished(info: dict[str, str], run_dir: Path) -> dict:
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{job_logs(info)}"
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def same_weights(a: Path, b: Path) -> None:
+    first, second = load_file(a), load_file(b)
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def rank_log(run_dir: Path, job: int) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted((run_dir / "slurm" / f"job-{job}").glob("*.out")))
+
+
+# --------------------------------------------------------------------------------------------- launchers
+
+# No shell may ever run this name's `;`, `$()` or backticks (DeepSpeed's pdsh runner would, on every node).
+HOSTILE = "ds;touch${IFS}PWNED1;$(touch${IFS}PWNED2)`touch${IFS}PWNED3`"
+
+
+@pytest.mark.parametrize("launcher", ["srun", "torchrun", "deepspeed"])
+def test_jobs_through_each_launcher_on_two_nodes_and_on_one(cluster, synthetic_shards, tmp_path, launcher):
+    names = {(2, 1): HOSTILE if launcher == "deepspeed" else "2x1", (1, 2): "1x2"}
+    compiled_op = Path(private_op_cache()) / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"
+    built = compiled_op.stat().st_mtime_ns if compiled_op.is_file() else None
+    jobs = {shape: submit(cluster, tmp_path, shape, "--launcher", launcher, "--config", TINY,
+                          *tiny_overrides(synthetic_shards, tmp_path, name))
+            for shape, name in names.items()}  # both at once: each node has room for both
+    for shape, job in jobs.items():
+        run_dir = tmp_path / names[shape]
+        metrics = finished(wait_job(cluster, job), run_dir)
+        assert (metrics["world_size"], metrics["steps"]) == (2, 3)
+        logs = {p.name for p in (run_dir / "slurm" / f"job-{job}").iterdir()}
+        hosts = cluster.nodes[:shape[0]] if shape[0] == 2 else {job_info(cluster, job)["NodeList"]}
+        for host in hosts:  # each node's own log files, where the README says: <host>-<task>.out
+            assert any(re.fullmatch(rf"{host}-\d+\.(out|err)", name) for name in logs), (host, logs)
+    for found in (*REPO.glob("PWNED*"), *tmp_path.rglob("PWNED*"), *Path("/tmp").glob("PWNED*")):
+        pytest.fail(f"a shell ran part of an override value: {found}")
+    if built is not None:  # DeepSpeed's CPU op: loaded from the environment's cache, not compiled again per job
+        assert compiled_op.stat().st_mtime_ns == built
+
+
+# --------------------------------------------------------------------------------------------- preemption
+
+# Long enough that Slurm's time-limit signal stops it at least twice: a requeued job starts just after one of
+# slurmctld's time-limit checks (every 30 s), so each start trains for about 27 s less its start-up.
+LONG = ("optim.max_steps=1200", "data.batch_size=4", "output.log_every=100", "output.checkpoint_every=5000")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(synthetic_shards, tmp_path_factory) -> Path:
+    """The LONG run in one go (2 ranks through torchrun, outside Slurm): what every interrupted run must equal."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    check(run_job([str(REPO / "launch" / "train.py"), "--config", TINY,
+                   *tiny_overrides(synthetic_shards, out, "ref"), *LONG], nproc=2, timeout=600))
+    return out / "ref"
+
+
+def test_time_limit_signal_requeues_until_done_and_equals_an_uninterrupted_run(cluster, synthetic_shards,
+                                                                                tmp_path, uninterrupted):
+    """--time=1 --signal=USR1@59: Slurm signals the ranks at its first time-limit check; they save and exit 0,
+    the job requeues itself and continues from the checkpoint, again and again, to the end."""
+    job = submit(cluster, tmp_path, (1, 2), "--config", TINY, *tiny_overrides(synthetic_shards, tmp_path, "pre"),
+                 *LONG, sbatch_args=("--time=1", "--signal=USR1@59"))
+    info = wait_job(cluster, job, timeout=900)
+    metrics = finished(info, tmp_path / "pre")
+    assert int(info["Restarts"]) >= 2, info
+    assert 0 < metrics["resumed_from_step"] < 1200
+    assert rank_log(tmp_path / "pre", job).count("stopped by SIGUSR1") >= 2
+    same_weights(tmp_path / "pre" / "model.safetensors", uninterrupted / "model.safetensors")
+
+
+def test_signal_during_start_up_requeues_and_the_job_finishes(cluster, synthetic_shards, tmp_path):
+    job = submit(cluster, tmp_path, (1, 2), "--config", TINY, *tiny_overrides(synthetic_shards, tmp_path, "early"))
+    deadline = time.monotonic() + 120
+    while f"{job}.0 " not in slurm(cluster, "squeue", "--steps", "--noheader", "--format=%i ", f"--jobs={job}").stdout:
+        assert time.monotonic() < deadline, job_info(cluster, job)
+        time.sleep(0.05)
+    slurm(cluster, "scancel", "--signal=USR1", str(job))  # the ranks' interpreters are just starting
+    info = wait_job(cluster, job)
+    metrics = finished(info, tmp_path / "early")
+    assert info["Restarts"] == "1" and metrics["steps"] == 3, info
+
+
+def test_scancel_leaves_a_checkpoint_that_a_new_job_resumes(cluster, synthetic_shards, tmp_path):
+    args = ("--config", TINY, *tiny_overrides(synthetic_shards, tmp_path, "cancelled"), "optim.max_steps=200",
+            "output.checkpoint_every=20")
+    run_dir = tmp_path / "cancelled"
+    job = submit(cluster, tmp_path, (2, 1), *args)
+    first = run_dir / "checkpoints" / "step_00000020" / "state.json"
+    wait_job(cluster, job, until=lambda info: first.is_file() or info["JobState"] in ENDED)
+    slurm(cluster, "scancel", str(job))
+    info = wait_job(cluster, job)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info
+    assert not (run_dir / "metrics.json").exists()
+    assert "not requeued" in Path(info["StdOut"]).read_text()
+    saved = max(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").iterdir() if (p / "state.json").is_file())
+    metrics = finished(wait_job(cluster, submit(cluster, tmp_path, (2, 1), *args)), run_dir)
+    assert metrics["resumed_from_step"] == saved >= 20 and metrics["steps"] == 200
+
+
+def test_a_node_that_dies_mid_job_requeues_it_and_the_job_continues(cluster, synthetic_shards, tmp_path):
+    """Node 2 hangs (every process stopped), Slurm marks it down and requeues the job; the node is then killed and
+    started again, and the requeued job continues from its last checkpoint."""
+    run_dir = tmp_path / "crash"
+    job = submit(cluster, tmp_path, (2, 1), "--config", TINY, *tiny_overrides(synthetic_shards, tmp_path, "crash"),
+                 "optim.max_steps=200", "output.checkpoint_every=40")
+    first = run_dir / "checkpoints" / "step_00000040" / "state.json"
+    wait_job(cluster, job, until=lambda info: first.is_file() or info["JobState"] in ENDED)
+    node = cluster.nodes[1]
+    cluster.freeze_node(node)
+    try:
+        wait_job(cluster, job, timeout=120, until=lambda info: info.get("Restarts") == "1")
+    finally:
+        cluster.crash_node(node)
+        cluster.start_node(node)
+    metrics = finished(wait_job(cluster, job), run_dir)
+    assert metrics["resumed_from_step"] >= 40 and metrics["steps"] == 200
+
+
+# --------------------------------------------------------------------------------------------- sweep
+
+
+def test_sweep_submitted_to_slurm_finishes_skips_finished_runs_and_reports(cluster, synthetic_shards, tmp_path):
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(json.dumps({
+        "name": "study", "config": [TINY],
+        "overrides": {"data.train_shards": f"{synthetic_shards}/train-{{000000..000007}}.tar",
+                      "data.eval_shards": f"{synthetic_shards}/test-{{000000..000001}}.tar"},
+        "grid": [{"method.name": ["full", "lora"], "world_size": [2]}]}))
+    submit_sweep = (sys.executable, str(REPO / "launch" / "sweep.py"), str(sweep_file), "--output-dir",
+                    str(tmp_path), "--slurm", "--cpu-ranks-per-node=1", "--sbatch-arg=--cpus-per-task=1")
+    first = slurm(cluster, *submit_sweep)
+    jobs = json.loads((tmp_path / "study" / "slurm_jobs.json").read_text())
+    assert len(jobs) == 2
+    again = slurm(cluster, *submit_sweep)  # still queued or running: not submitted twice
+    assert again.stdout.count("is still queued or running, not submitted") + \
+        again.stdout.count("finished earlier, not submitted") == 2, first.stdout + again.stdout
+    for name, job in jobs.items():
+        finished(wait_job(cluster, int(job)), tmp_path / "study" / name)
+    done = slurm(cluster, *submit_sweep)
+    assert done.stdout.count("finished earlier, not submitted") == 2
+    report = subprocess.run([sys.executable, "-m", "spt_dist.report", str(tmp_path / "study"), "--out",
+                             str(tmp_path / "report")], capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr
+    rows = (tmp_path / "report" / "runs.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(",finished," in row or row.endswith(",finished") for row in rows[1:]), rows
