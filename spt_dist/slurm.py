@@ -23,7 +23,9 @@ Launchers:
 Preemption: `--signal=USR1@180` reaches the ranks, which stop at the next step, save a checkpoint and exit 0.
 A step that exits 0 with the run unfinished (no metrics.json) is followed by `scontrol requeue`. A stop
 signal to the batch step itself (`--signal=B:USR1@180`, `scancel`) is passed on to the ranks' step; after
-SIGTERM or SIGINT (a cancel, or a preemption that Slurm requeues itself) the job is not requeued by us.
+SIGTERM or SIGINT (a cancel, or a preemption that Slurm requeues itself) the job is not requeued by us, unless
+it has run its time limit (no --signal, or one that came too late): the ranks saved on that SIGTERM, so it is.
+A task ended by SIGUSR1 before its handler was set (srun exit 138) is requeued too.
 Per-node layout: logs in <run_dir>/slurm/job-<id>/<host>-<task>.out|.err; node-local scratch
 ($SLURM_TMPDIR or /tmp/spt_dist-<id>) for TMPDIR and TRITON_CACHE_DIR (DeepSpeed's compiled CPU op stays in
 the environment's own cache, built once by install.sh and reused by every job: see engines/op_cache.py);

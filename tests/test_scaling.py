@@ -43,7 +43,7 @@ def _sweep(args: list[str], timeout: float) -> subprocess.CompletedProcess:
 GRID = [
     {"model.name": [TINY, SMALL], "method.name": ["lora"], "data.task": ["vtab/cifar100"], "world_size": [2],
      "data.global_batch_size": [32]},
-    {"model.name": [TINY], "method.name": ["spt_lora"], "selection.budget": [0.02, 0.05], "seed": [0, 1],
+    {"model.name": [TINY], "method.name": ["spt_lora"], "selection.budget": [0.05], "seed": [0, 1],
      "data.task": ["vtab/eurosat"], "world_size": [1]},
 ]
 
@@ -55,9 +55,9 @@ def test_local_sweep_and_report(tmp_path, synthetic_shards):
     assert result.returncode == 0, result.stdout + result.stderr
     study = runs / "study"
     run_dirs = sorted(d for d in study.iterdir() if (d / "config.yaml").exists())
-    assert len(run_dirs) == 6 and len(json.loads((study / "sweep.json").read_text())["runs"]) == 6
+    assert len(run_dirs) == 4 and len(json.loads((study / "sweep.json").read_text())["runs"]) == 4
     metrics = {d.name: json.loads((d / "metrics.json").read_text()) for d in run_dirs}
-    assert sorted(m["world_size"] for m in metrics.values()) == [1, 1, 1, 1, 2, 2]
+    assert sorted(m["world_size"] for m in metrics.values()) == [1, 1, 2, 2]
     for m in metrics.values():  # the global batch of 32 on 2 ranks: 16 per rank, as the run resolved it
         assert m["batch_size_per_rank"] == (16 if m["world_size"] == 2 else 8)
     for m in metrics.values():  # the throughput figures are consistent with each other
@@ -66,7 +66,7 @@ def test_local_sweep_and_report(tmp_path, synthetic_shards):
         assert 0 <= m["data_wait_share"] < 1 and m["mfu"] is None  # no peak FLOP/s known for a CPU
 
     again = _sweep([str(sweep_file), "--output-dir", str(runs)], timeout=300)  # finished runs are not run again
-    assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 6
+    assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 4
     edited = yaml.safe_load(sweep_file.read_text())
     edited["overrides"]["optim.max_steps"] = 5  # an edited sweep must not pass off old results as its own
     sweep_file.write_text(yaml.safe_dump(edited))
@@ -90,7 +90,7 @@ def test_local_sweep_and_report(tmp_path, synthetic_shards):
             assert float(row["score_pass_s"]) == selection["score_pass_s"] and float(row["allocation_s"]) > 0
     with open(out / "summary.csv") as f:
         summary = list(csv.DictReader(f))
-    assert len(summary) == 4  # the two seeds of each SPT budget are one configuration
+    assert len(summary) == 3  # the two seeds of the SPT budget are one configuration
     for entry in (e for e in summary if e["method"] == "spt_lora"):
         seeds = [m["top1"] for n, m in metrics.items() if rows[n]["budget"] == entry["budget"] and rows[n]["method"] == "spt_lora"]
         assert entry["seeds"] == "2" and float(entry["top1"]) == pytest.approx(statistics.fmean(seeds))
