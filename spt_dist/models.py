@@ -1,19 +1,30 @@
-"""Model factory: timm Vision Transformers by name, weights only from a local file, head sized to the data.
+"""Model factory: timm backbones by name (the families of spt_dist/backbones: ViT/DeiT/DINOv2/CLIP ViTs, Swin,
+EVA-02), weights only from a local file, head sized to the data.
 
 Nothing is downloaded: models are built with `pretrained=False` and, when `model.checkpoint` is set, loaded
-from that file (safetensors, or a torch file read with `weights_only=True`). The tiny test ViTs are registered
-with timm so that `timm.create_model("vit_test_tiny_patch8_32", checkpoint_path=...)` works like any other.
+from that file without unpickling code (safetensors, a torch file read with `weights_only=True`, or an original
+JAX `.npz`), mapped to timm's keys: timm/HF safetensors, a torch state dict (bare, or under `state_dict`,
+`model` or `module`), MAE `.pth` (`model`, decoder dropped), MoCo v3 `.pth.tar` (`state_dict`, the
+`module.base_encoder.` prefix; momentum encoder and predictor dropped), the JAX `.npz` of the original ViTs
+(e.g. the IN-21k ViT-B/16 SPT uses; timm's own reader). The tiny test models are registered with timm so that
+`timm.create_model("vit_test_tiny_patch8_32", checkpoint_path=...)` works like any other.
 """
 
 from __future__ import annotations
+
+import argparse
 
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import register_model
 from timm.models._registry import generate_default_cfgs
-from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer, checkpoint_filter_fn
+from timm.models.eva import Eva, _create_eva
+from timm.models.swin_transformer import SwinTransformer, _create_swin_transformer
+from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
+from torch import nn
 
+from spt_dist.backbones import backbones, spec_for, spec_for_name
 from spt_dist.errors import UserError
 
 # timm's registry reads `default_cfgs` from the module that defines a registered model.
@@ -25,6 +36,8 @@ _TEST_CFG = {
 default_cfgs = generate_default_cfgs({
     "vit_test_tiny_patch8_32.untrained": _TEST_CFG,
     "vit_test_small_patch8_32.untrained": _TEST_CFG,
+    "swin_test_tiny_patch4_window4_32.untrained": dict(_TEST_CFG, classifier="head.fc"),
+    "eva02_test_tiny_patch8_32.untrained": _TEST_CFG,
 })
 
 
@@ -42,23 +55,45 @@ def vit_test_small_patch8_32(pretrained: bool = False, **kwargs) -> VisionTransf
     return _create_vision_transformer("vit_test_small_patch8_32", pretrained=pretrained, **dict(args, **kwargs))
 
 
+@register_model
+def swin_test_tiny_patch4_window4_32(pretrained: bool = False, **kwargs) -> SwinTransformer:
+    """A 2-stage Swin on 32 px images (8x8 then 4x4 tokens, 4x4 windows, shifted in the first stage; 32 then 64
+    wide, one patch merging): every part of a Swin-B, tiny."""
+    args = dict(img_size=32, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
+                mlp_ratio=2.0)
+    return _create_swin_transformer("swin_test_tiny_patch4_window4_32", pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def eva02_test_tiny_patch8_32(pretrained: bool = False, **kwargs) -> Eva:
+    """A 2-block, 64-wide EVA-02 on 32 px images, built like EVA-02 B/L: separate q/k/v, SwiGLU MLP with its
+    norm, rotary position embeddings."""
+    args = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, qkv_fused=False,
+                mlp_ratio=4 * 2 / 3, swiglu_mlp=True, scale_mlp=True, use_rot_pos_emb=True, ref_feat_shape=(4, 4))
+    return _create_eva("eva02_test_tiny_patch8_32", pretrained=pretrained, **dict(args, **kwargs))
+
+
 def supported_models() -> list[str]:
-    """Every timm Vision Transformer (plain `VisionTransformer` family, `vit_*` names)."""
-    return timm.list_models("vit_*")
+    """Every timm model name of a supported family (vit_*, deit_*, deit3_*, swin_*, eva02_*)."""
+    return timm.list_models([p for spec in backbones().values() for p in spec.names])
 
 
 def create_model(name: str, num_classes: int, *, checkpoint: str | None = None, img_size: int | None = None,
-                 drop_path_rate: float = 0.0, device: str | torch.device = "cpu") -> VisionTransformer:
-    """Builds a ViT with a `num_classes` head; backbone weights from `checkpoint` if given, else random init."""
-    if not timm.is_model(name) or not name.startswith("vit_"):
-        raise UserError(f"model.name: unknown model '{name}' (any timm vit_* name, e.g. vit_base_patch16_224)")
+                 drop_path_rate: float = 0.0, device: str | torch.device = "cpu") -> nn.Module:
+    """Builds a backbone with a `num_classes` head; weights from `checkpoint` if given, else random init."""
+    spec = spec_for_name(name)
+    if not timm.is_model(name) or spec is None:
+        names = ", ".join(p for s in backbones().values() for p in s.names)
+        raise UserError(f"model.name: unknown model '{name}' (any timm {names} name, e.g. vit_base_patch16_224)")
     kwargs = dict(num_classes=num_classes, drop_path_rate=drop_path_rate)
     if img_size is not None:
         kwargs["img_size"] = img_size
     with torch.device(device):
         model = timm.create_model(name, pretrained=False, **kwargs)
-    if not isinstance(model, VisionTransformer):
-        raise UserError(f"model.name: '{name}' is not a plain VisionTransformer ({type(model).__name__})")
+    if not spec.accepts_model(model):
+        why = spec.refused.get(type(model), f"not a plain {spec.model_class.__name__}")
+        raise UserError(f"model.name: '{name}' is not supported ({type(model).__name__}: {why})")
+    spec.prepare_model(model)
     if checkpoint is not None:
         load_backbone(model, checkpoint)
     return model
@@ -70,7 +105,9 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
             return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # Training checkpoints (MAE's) also hold their argparse Namespace: plain data, allowed; no code is run.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"model.checkpoint: no such file '{path}'") from None
     except Exception as e:  # corrupt file or pickled objects that weights_only refuses
@@ -80,16 +117,91 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"model.checkpoint: '{path}' holds no flat mapping of tensors")
+    return to_timm_keys(state)
+
+
+_MOCO_PREFIX = "module.base_encoder."
+
+
+def to_timm_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The layouts of self-supervised training checkpoints, in timm's keys: MoCo v3 (`module.base_encoder.`;
+    its momentum encoder and predictor dropped), DDP's `module.` prefix, MAE's decoder and mask token (dropped:
+    the encoder is the backbone)."""
+    if any(k.startswith(_MOCO_PREFIX) for k in state):
+        state = {k[len(_MOCO_PREFIX):]: v for k, v in state.items() if k.startswith(_MOCO_PREFIX)}
+    elif state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    if any(k.startswith("decoder_") for k in state):  # MAE pre-training: encoder + decoder
+        state = {k: v for k, v in state.items() if not k.startswith("decoder_") and k != "mask_token"}
     return state
 
 
-def load_backbone(model: VisionTransformer, path: str) -> None:
+class _Recording:
+    """An .npz archive that remembers the last key read (for naming it when its array does not fit)."""
+
+    def __init__(self, archive) -> None:
+        self.archive, self.last = archive, None
+
+    def __getitem__(self, key):
+        self.last = key
+        return self.archive[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self.archive
+
+    def __getattr__(self, name):
+        return getattr(self.archive, name)
+
+
+def _load_jax(model: nn.Module, path: str, where: str) -> None:
+    """An original JAX/Flax ViT .npz (e.g. ViT-B_16.npz, IN-21k, as the SPT reference uses), by timm's own reader
+    (pos_embed resampled to the model's grid; the head only where its class count matches, else kept; a
+    pre-logits layer the model lacks is ignored)."""
+    from unittest import mock  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+    from timm.models import vision_transformer as vt  # noqa: PLC0415
+
+    if not isinstance(model, VisionTransformer):
+        raise UserError(f"{where}: a JAX .npz checkpoint holds a ViT (VisionTransformer), this is a "
+                        f"{type(model).__name__}")
+    opened = []
+
+    def open_recording(*args, **kwargs):
+        opened.append(_Recording(_load_npz(*args, **kwargs)))
+        return opened[-1]
+
+    _load_npz = vt._load_npz_checkpoint
+    try:
+        with mock.patch.object(vt, "_load_npz_checkpoint", open_recording):
+            vt._load_weights(model, path)
+    except FileNotFoundError:
+        raise UserError(f"model.checkpoint: no such file '{path}'") from None
+    except KeyError as e:
+        key = str(e.args[0]).split(" is not a file")[0].strip("'") if e.args else "?"
+        raise UserError(f"{where}: missing '{key}' (a JAX ViT .npz array)") from None
+    except (RuntimeError, ValueError) as e:
+        last = opened[-1].last if opened and opened[-1].last is not None else None
+        if last is None:
+            raise UserError(f"model.checkpoint: cannot read '{path}': {str(e).splitlines()[0]}") from None
+        shape = list(np.shape(opened[-1].archive[last]))
+        raise UserError(f"{where}: '{last}' has shape {shape} (JAX layout) and does not fit: "
+                        f"{str(e).splitlines()[0]}") from None
+    finally:
+        for archive in opened:
+            archive.close()
+
+
+def load_backbone(model: nn.Module, path: str) -> None:
     """Loads backbone weights; the head is kept from the checkpoint only if its shape matches. A file that does
     not fit (missing, unexpected or differently shaped tensors) is one line naming the first offending key."""
     where = f"model.checkpoint: '{path}' does not fit {type(model).__name__}"
+    if path.endswith(".npz"):
+        return _load_jax(model, path, where)
     raw = read_state_dict(path)
+    convert = spec_for(model).checkpoint_filter
     try:
-        state = checkpoint_filter_fn(dict(raw), model)  # timm's conversions: pos_embed resize etc.
+        state = convert(dict(raw), model) if convert else dict(raw)  # timm's conversions: pos_embed resize etc.
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AssertionError) as e:
         raise UserError(f"{where}: timm cannot convert it ({type(e).__name__}: "
                         f"{' '.join(str(e).split())[:200]})") from None

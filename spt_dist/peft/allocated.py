@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from spt_dist.backbones import spec_for
 from spt_dist.errors import UserError
 from spt_dist.peft import fingerprint
 from spt_dist.peft.tuned import Tuned, tune
@@ -112,6 +113,7 @@ def check_allocation(record, indices: dict, model: nn.Module) -> None:
 def apply_allocation(model: nn.Module, record: dict, indices: dict[str, torch.Tensor], *,
                      sparse_update: str = "delta", dropout: float = 0.0, drop_path: float = 0.0) -> nn.Module:
     check_allocation(record, indices, model)
+    spec_for(model).prepare_model(model)
     params = dict(model.named_parameters())
     model.requires_grad_(False)
     sparse = {name: index.to(torch.int64) for name, index in indices.items()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from spt_dist.backbones import spec_for
 from spt_dist.config import MethodConfig
 from spt_dist.methods import get_method
 from spt_dist.peft.lora import matrix_blocks
@@ -32,6 +33,7 @@ def train_head(model: nn.Module, cfg: MethodConfig) -> nn.Module:  # noqa: ARG00
 def add_lora(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     """LoRA (rank, alpha/rank scaling, dropout, drop-path of `cfg`) on the `lora_targets` matrices, and the head."""
     train_head(model, cfg)
+    spec_for(model).prepare_model(model)
     alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank
     for path, kind, rows in matrix_blocks(model).values():
         if kind in cfg.lora_targets:
