@@ -200,5 +200,6 @@ def apply_description(model: nn.Module, description: dict, tensors: dict[str, to
 def trainable_state(model_state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """The artifact's tensors out of a (consolidated) state dict: everything trainable and the index buffers."""
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    names |= {n for n, _ in model.named_buffers() if n.endswith(("_delta_index", "_mask"))}
+    names |= {f"{path}.{n}" if path else n for path, module in model.named_modules() if isinstance(module, Tuned)
+              for n, _ in module.named_buffers(recurse=False) if n.endswith(("_delta_index", "_mask"))}
     return {k: v for k, v in model_state.items() if k in names}
