@@ -1,0 +1,303 @@
+"""Backbone families (spt_dist/backbones): ViT/DeiT/DINOv2, Swin and EVA-02, and the checkpoint formats.
+
+- Each family's spec: matrices and row blocks, what SPT scores, FSDP2 units / heat-map rows (the -B sizes on
+  the meta device, and the tiny test models).
+- Every method (full, linear, LoRA, SPT-LoRA, SPT-Adapter, GPS) on each tiny family in one process: what
+  trains moves, the rest stays bit for bit, and the merged model loads with `timm.create_model(name,
+  checkpoint_path=...)` and gives the PEFT model's logits (tolerance 1e-5: folding B·A into W rounds).
+- Two real 2-rank runs, score -> allocate -> train -> merge: Swin SPT-LoRA under ZeRO-3, EVA-02 GPS under
+  FSDP2. Their allocation files are byte-identical to one process's library path (spt_dist.score/allocate);
+  their trained tensors equal plain PyTorch playing both ranks (tests/reference.py), bit for bit.
+- Checkpoint formats, each file written by the test in that format's real key layout: JAX .npz (timm's own
+  names), MAE .pth, MoCo v3 .pth.tar, safetensors; each loads and gives the source model's logits exactly.
+  Wrong files: one line naming the first offending key and the expected shape.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import spt_dist
+from spt_dist.atomic import write_safetensors
+from spt_dist.backbones import spec_for
+from spt_dist.config import MethodConfig, load_config
+from spt_dist.data.dataset import resolve_dataset
+from spt_dist.errors import UserError
+from spt_dist.models import create_model
+from spt_dist.peft.allocated import apply_allocation, read_allocation
+from spt_dist.peft.artifact import load_pretrained
+from spt_dist.selection.layout import build_layout
+from spt_dist.selection.scoring import build_score_model
+from tests.conftest import REPO, TRAIN, check, run_job, tiny_overrides
+from tests.reference import dataset_classes, train_reference
+from tests.workers.api_calibration import calibration_batches
+
+SWIN, EVA, VIT = "swin_test_tiny_patch4_window4_32", "eva02_test_tiny_patch8_32", "vit_test_tiny_patch8_32"
+IMAGES = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def logits(model, images=IMAGES):
+    with torch.no_grad():
+        return model.eval()(images)
+
+
+# ------------------------------------------------------------------------------------------------ specs
+
+
+@pytest.mark.parametrize("name, family, blocks, matrices", [
+    ("vit_base_patch16_224", "vit", 12, {"q", "k", "v", "proj", "fc1", "fc2"}),
+    ("deit_base_patch16_224", "vit", 12, {"q", "k", "v", "proj", "fc1", "fc2"}),
+    ("vit_base_patch14_reg4_dinov2", "vit", 12, {"q", "k", "v", "proj", "fc1", "fc2"}),
+    ("swin_base_patch4_window7_224", "swin", 24, {"q", "k", "v", "proj", "fc1", "fc2", "reduction"}),
+    ("eva02_base_patch14_224", "eva", 12, {"q", "k", "v", "proj", "fc1_g", "fc1_x", "fc2"}),
+    ("eva02_small_patch14_224", "eva", 12, {"q", "k", "v", "proj", "fc1_g", "fc1_x", "fc2"}),
+])
+def test_family_specs_on_meta(name, family, blocks, matrices):
+    model = create_model(name, 10, device="meta")
+    spec = spec_for(model)
+    assert spec.family == family and len(spec.block_modules(model)) == blocks
+    units = build_layout(model, "spt").units
+    assert {u.matrix_type for u in units if u.kind == "matrix"} == matrices
+    scored = {t.name for t in build_layout(model, "spt").tensors}
+    assert not any(n.startswith(("head", "patch_embed", "pos_embed", "cls_token", "reg_token")) for n in scored)
+    assert not any("relative_position_bias_table" in n for n in scored)
+    # Heat-map rows are the blocks in model order; the final norm (and Swin's patch merging) sit outside.
+    assert {u.block for u in units if u.block is not None} == set(range(blocks))
+    linear_params = {f"{path}.weight" for path, _, _ in spec.matrix_blocks(model).values()}
+    assert linear_params <= scored
+    if family == "swin":
+        assert "layers.1.downsample.reduction.weight" in linear_params
+    if name == "eva02_small_patch14_224":  # fused qkv: three row blocks of one Linear
+        assert spec.matrix_blocks(model)["blocks.0.attn.k"] == ("blocks.0.attn.qkv", "k", (384, 768))
+
+
+def test_unsupported_models_are_one_line_errors():
+    with pytest.raises(UserError, match="model.name: unknown model 'resnet50'"):
+        create_model("resnet50", 10)
+    with pytest.raises(UserError, match="distilled DeiT has two heads"):
+        create_model("deit_tiny_distilled_patch16_224", 10, device="meta")
+
+
+# ------------------------------------------------------------------------------------------------ methods
+
+
+def _train(peft, steps: int = 2):
+    params = [p for p in peft.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        images = torch.randn(4, 3, 32, 32, generator=generator)
+        labels = torch.randint(0, 4, (4,), generator=generator)
+        F.cross_entropy(peft.train()(images), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name", [SWIN, EVA])
+def test_every_method_trains_and_merges_into_timm(name, tmp_path):
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))) for _ in range(2)]
+    allocations = {
+        "spt_lora": spt_dist.allocate(spt_dist.score(create_model(name, 4), batches), budget=0.03),
+        "spt_adapter": spt_dist.allocate(spt_dist.score(create_model(name, 4), batches), budget=0.03,
+                                         structured="adapter"),
+        "gps": spt_dist.allocate(spt_dist.score(create_model(name, 4), batches, method="gps"), k=2),
+    }
+    decisions = {u["decision"] for u in allocations["spt_lora"].record["units"]}
+    assert {"lora", "sparse", "full"} <= decisions, decisions
+    for method in ("full", "linear", "lora", "spt_lora", "spt_adapter", "gps"):
+        torch.manual_seed(0)
+        base = create_model(name, 4)
+        initial = {k: v.clone() for k, v in base.state_dict().items()}
+        how = allocations.get(method) or (MethodConfig(name="lora", lora_rank=4, lora_targets=[
+            "q", "v", "fc1_g" if name == EVA else "reduction"]) if method == "lora" else method)
+        peft = spt_dist.get_peft_model(base, how)
+        _train(peft)
+        trained = {n for n, p in peft.base_model.named_parameters() if p.requires_grad}
+        state = peft.base_model.state_dict()
+        for key, value in initial.items():  # the frozen base stays bit for bit
+            if key not in trained:
+                assert torch.equal(state[key], value), (method, key)
+        assert any(not torch.equal(state[k], initial[k]) for k in trained if k in initial) or method in (
+            "lora", "spt_lora", "spt_adapter"), method
+        if method == "spt_adapter":
+            with pytest.raises(UserError, match="cannot be merged"):
+                peft.merge_and_unload()
+            continue
+        expected = logits(peft)
+        merged = peft.merge_and_unload()
+        path = str(tmp_path / f"{method}.safetensors")
+        write_safetensors(path, merged.state_dict())
+        plain = timm.create_model(name, pretrained=False, num_classes=4, checkpoint_path=path)
+        torch.testing.assert_close(logits(plain), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_heat_map_rows_are_blocks_of_any_family():
+    from spt_dist.selection.report import summary
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 4, (4,)))]
+    record = spt_dist.allocate(spt_dist.score(create_model(SWIN, 4), batches), budget=0.03).record
+    lines = summary(record).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.strip().startswith("block"))
+    assert lines[header].split() == ["block", "q", "k", "v", "proj", "fc1", "fc2", "vectors"]
+    assert [line.split()[0] for line in lines[header + 1:]] == ["0", "1", "2", "3"]  # 2 stages x 2 blocks
+
+
+# ------------------------------------------------------------------------------------------------ 2 ranks
+
+RUNS = {  # name -> (model, method settings, engine): together every family-specific path on 2 ranks
+    "swin-zero3": (SWIN, ["method.name=spt_lora", "selection.budget=3000", "optim.weight_decay=0.05"],
+                   ["engine.kind=deepspeed", "engine.zero_stage=3"]),
+    "eva-fsdp2": (EVA, ["method.name=gps", "selection.loss=ce", "selection.k=2"], ["engine.kind=fsdp"]),
+}
+CALIBRATION = ["selection.batch_size=16", "selection.micro_batch_size=8", "selection.batches=3"]
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_two_rank_run_matches_one_process_and_plain_pytorch(run, synthetic_shards, tmp_path):
+    model_name, settings, engine = RUNS[run]
+    overrides = [*tiny_overrides(synthetic_shards, tmp_path, run), f"model.name={model_name}", *CALIBRATION,
+                 *settings]
+    check(run_job([TRAIN, "--config", "tests/configs/tiny.yaml", *overrides, *engine], nproc=2, timeout=400))
+    out = tmp_path / run
+    cfg = load_config(str(REPO / "tests/configs/tiny.yaml"), overrides)
+
+    # The allocation: the library path in one process writes the same bytes.
+    data = resolve_dataset(cfg.data)
+    model = build_score_model(cfg, data.num_classes)
+    sel = cfg.selection
+    scores = spt_dist.score(model, calibration_batches(cfg, data, model), method=sel.method, loss="ce")
+    allocation = spt_dist.allocate(scores, **(dict(budget=sel.budget) if sel.method == "spt" else dict(k=sel.k)))
+    allocation.save(str(tmp_path / "one"))
+    for file in ("allocation.json", "allocation.safetensors"):
+        assert (tmp_path / "one" / file).read_bytes() == (out / file).read_bytes(), file
+
+    # Training: plain PyTorch playing both ranks on the same PEFT model, bit for bit.
+    torch.manual_seed(cfg.seed)
+    reference = create_model(cfg.model.name, dataset_classes(cfg))
+    record, indices = read_allocation(str(out))
+    apply_allocation(reference, record, indices)
+    initial = {k: v.detach().clone() for k, v in reference.state_dict().items()}
+    train_reference(cfg, reference, world=2)
+    saved = load_file(str(out / "peft" / "peft_model.safetensors"))
+    expected = {n: p.detach() for n, p in reference.named_parameters() if p.requires_grad}
+    assert {k for k in saved if not k.endswith("_delta_index")} == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(saved[key], value), f"{run}: {key} differs by {(saved[key] - value).abs().max()}"
+        if not key.rsplit(".", 1)[-1].startswith("lora_A"):
+            assert not torch.equal(value, initial.get(key, torch.zeros_like(value))), f"{key} did not train"
+
+    # The merged checkpoint in plain timm gives the PEFT model's logits.
+    plain = timm.create_model(model_name, pretrained=False, num_classes=dataset_classes(cfg),
+                              checkpoint_path=str(out / "model.safetensors"))
+    torch.testing.assert_close(logits(plain), logits(load_pretrained(str(out / "peft"))), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def _source(name: str, classes: int = 10):
+    torch.manual_seed(3)
+    model = create_model(name, classes)
+    with torch.no_grad():  # zero-initialised tensors (cls_token, biases) get values, so a mix-up shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def _jax_npz(model) -> dict[str, np.ndarray]:
+    """A ViT's weights under the original JAX (big_vision / vision_transformer) names and layouts: exactly
+    what timm's `_load_weights` reads."""
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    dim, heads = model.embed_dim, model.blocks[0].attn.num_heads
+    out = {"embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+           "embedding/bias": sd["patch_embed.proj.bias"], "cls": sd["cls_token"],
+           "Transformer/posembed_input/pos_embedding": sd["pos_embed"],
+           "Transformer/encoder_norm/scale": sd["norm.weight"], "Transformer/encoder_norm/bias": sd["norm.bias"],
+           "head/kernel": sd["head.weight"].T, "head/bias": sd["head.bias"]}
+    for i in range(len(model.blocks)):
+        b, p = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        qkv_w, qkv_b = sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"]
+        for j, n in enumerate(("query", "key", "value")):
+            w = qkv_w[j * dim:(j + 1) * dim]  # [out, in] -> [in, heads, head_dim]
+            out[p + f"MultiHeadDotProductAttention_1/{n}/kernel"] = w.T.reshape(dim, heads, -1)
+            out[p + f"MultiHeadDotProductAttention_1/{n}/bias"] = qkv_b[j * dim:(j + 1) * dim].reshape(heads, -1)
+        out[p + "MultiHeadDotProductAttention_1/out/kernel"] = sd[b + "attn.proj.weight"].T.reshape(heads, -1, dim)
+        out[p + "MultiHeadDotProductAttention_1/out/bias"] = sd[b + "attn.proj.bias"]
+        for ln, norm in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+            out[p + f"{ln}/scale"], out[p + f"{ln}/bias"] = sd[b + f"{norm}.weight"], sd[b + f"{norm}.bias"]
+        for r, fc in ((0, "fc1"), (1, "fc2")):
+            out[p + f"MlpBlock_3/Dense_{r}/kernel"] = sd[b + f"mlp.{fc}.weight"].T
+            out[p + f"MlpBlock_3/Dense_{r}/bias"] = sd[b + f"mlp.{fc}.bias"]
+    return out
+
+
+def test_jax_npz_loads_and_gives_the_same_logits(tmp_path):
+    source = _source(VIT)
+    arrays = _jax_npz(source)
+    path = str(tmp_path / "ViT-tiny.npz")
+    np.savez(path, **arrays)
+    torch.testing.assert_close(logits(create_model(VIT, 10, checkpoint=path)), logits(source), rtol=0, atol=1e-6)
+    assert torch.equal(logits(create_model(VIT, 10, checkpoint=path)), logits(source))
+    # A head for another label set stays the fresh one; the backbone is the file's.
+    other = create_model(VIT, 3, checkpoint=path)
+    assert torch.equal(other.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
+    # Wrong files: one line naming the first offending array.
+    del arrays["Transformer/encoderblock_1/MlpBlock_3/Dense_0/bias"]
+    np.savez(path, **arrays)
+    with pytest.raises(UserError, match="missing 'Transformer/encoderblock_1/MlpBlock_3/Dense_0/bias'"):
+        create_model(VIT, 10, checkpoint=path)
+    with pytest.raises(UserError, match=r"'embedding/kernel' has shape \[8, 8, 3, 64\] \(JAX layout\)") as err:
+        create_model("vit_test_small_patch8_32", 10, checkpoint=path)
+    assert "\n" not in str(err.value)
+
+
+def test_mae_moco_and_safetensors_checkpoints_load(tmp_path):
+    source = _source(VIT)
+    encoder = {k: v for k, v in source.state_dict().items() if not k.startswith("head.")}
+    torch.manual_seed(7)
+    target = create_model(VIT, 4)  # a 4-class head, freshly initialised, on the source's encoder
+    target.load_state_dict(encoder, strict=False)
+    expected = logits(target)
+
+    def loaded(path: str):
+        torch.manual_seed(7)  # the same fresh head as the source's
+        return logits(create_model(VIT, 4, checkpoint=path))
+
+    # MAE pre-training checkpoint: {'model': encoder + decoder + mask_token} (and its argparse Namespace).
+    import argparse
+    mae = dict(encoder, mask_token=torch.zeros(1, 1, 64), **{
+        "decoder_embed.weight": torch.zeros(32, 64), "decoder_pos_embed": torch.zeros(1, 17, 32),
+        "decoder_blocks.0.attn.qkv.weight": torch.zeros(96, 32), "decoder_norm.weight": torch.ones(32),
+        "decoder_pred.weight": torch.zeros(192, 32)})
+    torch.save({"model": mae, "epoch": 799, "args": argparse.Namespace(model="mae_vit_base_patch16")},
+               tmp_path / "mae_pretrain.pth")
+    assert torch.equal(loaded(str(tmp_path / "mae_pretrain.pth")), expected)
+    # MoCo v3: {'state_dict': module.base_encoder.* (head: the projection MLP), module.momentum_encoder.*,
+    # module.predictor.*} beside the optimizer state.
+    moco = {f"module.base_encoder.{k}": v for k, v in encoder.items()}
+    moco |= {f"module.momentum_encoder.{k}": v + 1 for k, v in encoder.items()}
+    moco |= {"module.base_encoder.head.0.weight": torch.zeros(256, 64), "module.predictor.0.weight": torch.zeros(8, 8)}
+    torch.save({"epoch": 300, "arch": "vit_small", "state_dict": moco, "optimizer": {"state": {}, "param_groups": []}},
+               tmp_path / "moco_v3.pth.tar")
+    assert torch.equal(loaded(str(tmp_path / "moco_v3.pth.tar")), expected)
+    # timm / HF hub safetensors, for every family.
+    for name in (VIT, SWIN, EVA):
+        model = _source(name, 4)
+        write_safetensors(str(tmp_path / f"{name}.safetensors"), model.state_dict())
+        assert torch.equal(logits(create_model(name, 4, checkpoint=str(tmp_path / f"{name}.safetensors"))),
+                           logits(model))
+    # Another family's or a wrong-sized file: one line, the first offending key and the expected shape.
+    with pytest.raises(UserError, match=r"does not fit SwinTransformer: missing 'patch_embed.norm.weight' "
+                                        r"\(expected shape \[32\]\) and \d+ more$"):
+        create_model(SWIN, 4, checkpoint=str(tmp_path / f"{EVA}.safetensors"))
+    state = load_file(str(tmp_path / f"{EVA}.safetensors"))
+    state["blocks.1.mlp.fc1_g.weight"] = torch.zeros(170, 32)
+    write_safetensors(str(tmp_path / "bad.safetensors"), state)
+    with pytest.raises(UserError, match=r"'blocks.1.mlp.fc1_g.weight' has shape \[170, 32\], expected \[170, 64\]"):
+        create_model(EVA, 4, checkpoint=str(tmp_path / "bad.safetensors"))
