@@ -5,8 +5,8 @@
 - Every method (full, linear, LoRA, SPT-LoRA, SPT-Adapter, GPS) on each tiny family in one process: what
   trains moves, the rest stays bit for bit, and the merged model loads with `timm.create_model(name,
   checkpoint_path=...)` and gives the PEFT model's logits (tolerance 1e-5: folding B·A into W rounds).
-- Two real 2-rank runs, score -> allocate -> train -> merge: Swin SPT-LoRA under ZeRO-3, EVA-02 GPS under
-  FSDP2. Their allocation files are byte-identical to one process's library path (spt_dist.score/allocate);
+- Two real 2-rank runs, score -> allocate -> train -> merge: EVA-02 SPT-LoRA under ZeRO-3, Swin GPS under
+  FSDP2 (its blocks are the FSDP2 units). Their allocation files are byte-identical to one process's library path (spt_dist.score/allocate);
   their trained tensors equal plain PyTorch playing both ranks (tests/reference.py), bit for bit.
 - Checkpoint formats, each file written by the test in that format's real key layout: JAX .npz (timm's own
   names), MAE .pth, MoCo v3 .pth.tar, safetensors; each loads and gives the source model's logits exactly.
@@ -151,9 +151,9 @@ def test_heat_map_rows_are_blocks_of_any_family():
 # ------------------------------------------------------------------------------------------------ 2 ranks
 
 RUNS = {  # name -> (model, method settings, engine): together every family-specific path on 2 ranks
-    "swin-zero3": (SWIN, ["method.name=spt_lora", "selection.budget=3000", "optim.weight_decay=0.05"],
-                   ["engine.kind=deepspeed", "engine.zero_stage=3"]),
-    "eva-fsdp2": (EVA, ["method.name=gps", "selection.loss=ce", "selection.k=2"], ["engine.kind=fsdp"]),
+    "eva-zero3": (EVA, ["method.name=spt_lora", "selection.budget=3000", "optim.weight_decay=0.05"],
+                  ["engine.kind=deepspeed", "engine.zero_stage=3"]),
+    "swin-fsdp2": (SWIN, ["method.name=gps", "selection.loss=ce", "selection.k=2"], ["engine.kind=fsdp"]),
 }
 CALIBRATION = ["selection.batch_size=16", "selection.micro_batch_size=8", "selection.batches=3"]
 
