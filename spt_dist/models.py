@@ -36,6 +36,7 @@ _TEST_CFG = {
 default_cfgs = generate_default_cfgs({
     "vit_test_tiny_patch8_32.untrained": _TEST_CFG,
     "vit_test_small_patch8_32.untrained": _TEST_CFG,
+    "vit_test_dinov2_tiny_patch8_32.untrained": _TEST_CFG,
     "swin_test_tiny_patch4_window4_32.untrained": dict(_TEST_CFG, classifier="head.fc"),
     "eva02_test_tiny_patch8_32.untrained": _TEST_CFG,
 })
@@ -53,6 +54,14 @@ def vit_test_small_patch8_32(pretrained: bool = False, **kwargs) -> VisionTransf
     """A 3-block, 96-wide ViT on 32 px images: the tiny ViT's bigger sibling, for backbone-size sweeps on CPU."""
     args = dict(img_size=32, patch_size=8, embed_dim=96, depth=3, num_heads=3, mlp_ratio=2.0)
     return _create_vision_transformer("vit_test_small_patch8_32", pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vit_test_dinov2_tiny_patch8_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The tiny ViT built like DINOv2: layer scale, 4 register tokens, no position embedding on the tokens."""
+    args = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, init_values=1e-5,
+                reg_tokens=4, no_embed_class=True)
+    return _create_vision_transformer("vit_test_dinov2_tiny_patch8_32", pretrained=pretrained, **dict(args, **kwargs))
 
 
 @register_model

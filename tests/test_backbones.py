@@ -38,6 +38,7 @@ from tests.reference import dataset_classes, train_reference
 from tests.workers.api_calibration import calibration_batches
 
 SWIN, EVA, VIT = "swin_test_tiny_patch4_window4_32", "eva02_test_tiny_patch8_32", "vit_test_tiny_patch8_32"
+DINO = "vit_test_dinov2_tiny_patch8_32"  # layer scale and register tokens
 IMAGES = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
@@ -88,7 +89,7 @@ def test_unsupported_models_are_one_line_errors():
 
 def _train(peft, steps: int = 2):
     params = [p for p in peft.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)  # dense_masked: no decay of frozen entries
     generator = torch.Generator().manual_seed(1)
     for _ in range(steps):
         images = torch.randn(4, 3, 32, 32, generator=generator)
@@ -98,7 +99,7 @@ def _train(peft, steps: int = 2):
         optimizer.zero_grad(set_to_none=True)
 
 
-@pytest.mark.parametrize("name", [SWIN, EVA])
+@pytest.mark.parametrize("name", [SWIN, EVA, DINO])
 def test_every_method_trains_and_merges_into_timm(name, tmp_path):
     torch.manual_seed(0)
     batches = [(torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))) for _ in range(2)]
@@ -146,6 +147,27 @@ def test_heat_map_rows_are_blocks_of_any_family():
     header = next(i for i, line in enumerate(lines) if line.strip().startswith("block"))
     assert lines[header].split() == ["block", "q", "k", "v", "proj", "fc1", "fc2", "vectors"]
     assert [line.split()[0] for line in lines[header + 1:]] == ["0", "1", "2", "3"]  # 2 stages x 2 blocks
+
+
+@pytest.mark.parametrize("mode", ["delta", "dense_masked"])
+def test_sparse_entries_of_a_layer_scale_train_and_merge(mode, tmp_path):
+    """DINOv2's layer scales are vectors SPT scores: sparse entries on one train, the others stay, and the
+    merged gamma loads into plain timm."""
+    from spt_dist.peft.tuned import tune
+    torch.manual_seed(0)
+    model = create_model(DINO, 4).requires_grad_(False)
+    before = model.blocks[0].ls1.gamma.detach().clone()
+    tune(model, "blocks.0.ls1").add_sparse("gamma", torch.tensor([1, 5, 40]), mode)
+    _train(model)
+    gamma = model.blocks[0].ls1.effective("gamma").detach()
+    moved = (gamma != before).nonzero().view(-1).tolist()
+    assert moved == [1, 5, 40], moved
+    expected = logits(model)
+    merged = spt_dist.PeftModel(model, "spt").merge_and_unload()
+    path = str(tmp_path / "merged.safetensors")
+    write_safetensors(path, merged.state_dict())
+    plain = timm.create_model(DINO, pretrained=False, num_classes=4, checkpoint_path=path)
+    torch.testing.assert_close(logits(plain), expected, rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ 2 ranks

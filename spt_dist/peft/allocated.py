@@ -10,6 +10,7 @@ stores it, so a fresh timm model can be given the same trainable structure again
 from __future__ import annotations
 
 import torch
+from timm.layers import LayerScale
 from torch import nn
 
 from spt_dist.backbones import spec_for
@@ -69,7 +70,8 @@ def check_allocation(record, indices: dict, model: nn.Module) -> None:
                             f"one has {here:,}: was the allocation made for another model?")
     params = dict(model.named_parameters())
     tunable = {f"{path}.{name}" if path else name for path, m in model.named_modules()
-               if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Conv2d, Tuned)) for name, _ in m.named_parameters(recurse=False)}
+               if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Conv2d, LayerScale, Tuned))
+               for name, _ in m.named_parameters(recurse=False)}
     modules = set()
     for unit in record["units"]:
         if not isinstance(unit, dict) or not isinstance(unit.get("name"), str) or unit.get("tensor") not in params:
@@ -94,15 +96,15 @@ def check_allocation(record, indices: dict, model: nn.Module) -> None:
                                 f"{list(param.shape)}, rank {unit.get('rank')!r})")
             modules.add(block)
         if decision in ("sparse", "full") and (r0, r1) != (0, param.shape[0]) and unit["tensor"] not in tunable:
-            raise UserError(f"allocation: unit '{unit['name']}': '{unit['tensor']}' is not a Linear, LayerNorm or "
-                            "conv parameter: its entries cannot be tuned apart")
+            raise UserError(f"allocation: unit '{unit['name']}': '{unit['tensor']}' is not a Linear, LayerNorm, "
+                            "conv or layer-scale parameter: its entries cannot be tuned apart")
     for name, index in indices.items():
         if name not in params:
             raise UserError(f"allocation: this model has no parameter '{name}': was the allocation made for "
                             "another model?")
         if name not in tunable:
-            raise UserError(f"allocation: '{name}' is not a Linear, LayerNorm or conv parameter: its entries cannot "
-                            "be tuned apart")
+            raise UserError(f"allocation: '{name}' is not a Linear, LayerNorm, conv or layer-scale parameter: its "
+                            "entries cannot be tuned apart")
         numel = params[name].numel()
         if index.dtype not in (torch.int32, torch.int64) or index.ndim != 1 or (index.numel() and (
                 int(index.min()) < 0 or int(index.max()) >= numel or not bool((index[1:] > index[:-1]).all()))):
