@@ -76,7 +76,9 @@ def test_family_specs_on_meta(name, family, blocks, matrices):
     if name == "eva02_small_patch14_224":  # fused qkv: three row blocks of one Linear; GluMlp's fc1: x, gate
         blocks_of = spec.matrix_blocks(model)
         assert blocks_of["blocks.0.attn.k"] == ("blocks.0.attn.qkv", "k", (384, 768))
-        assert blocks_of["blocks.0.mlp.fc1_g"] == ("blocks.0.mlp.fc1", "fc1_g", (1024, 2048))
+        # EVA's packed SwiGLU (GluMlp, gate_last=False) computes silu(rows 0:h) * rows h:2h: the gate first.
+        assert blocks_of["blocks.0.mlp.fc1_g"] == ("blocks.0.mlp.fc1", "fc1_g", (0, 1024))
+        assert blocks_of["blocks.0.mlp.fc1_x"] == ("blocks.0.mlp.fc1", "fc1_x", (1024, 2048))
         assert model.blocks[0].attn.qkv_bias_separate  # the qkv Linear is called: what sits on it takes part
         assert "blocks.0.attn.q_bias" not in scored
 
