@@ -162,6 +162,31 @@ class _Recording:
         return getattr(self.archive, name)
 
 
+def jax_shapes(model: VisionTransformer) -> dict[str, list[int]]:
+    """The arrays of the original JAX ViT layout that `model` needs, and their shapes (the names timm's reader
+    looks up first; for naming the expected shape when a file does not fit)."""
+    dim, hidden = model.embed_dim, model.blocks[0].mlp.fc1.out_features
+    heads = model.blocks[0].attn.num_heads
+    out = {"embedding/kernel": [*model.patch_embed.proj.weight.shape[2:], model.patch_embed.proj.weight.shape[1], dim],
+           "embedding/bias": [dim], "Transformer/encoder_norm/scale": [dim], "Transformer/encoder_norm/bias": [dim]}
+    if model.cls_token is not None:
+        out["cls"] = list(model.cls_token.shape)
+    if model.pos_embed is not None:
+        out["Transformer/posembed_input/pos_embedding"] = list(model.pos_embed.shape)
+    for i in range(len(model.blocks)):
+        p = f"Transformer/encoderblock_{i}/"
+        for n in ("query", "key", "value"):
+            out[f"{p}MultiHeadDotProductAttention_1/{n}/kernel"] = [dim, heads, dim // heads]
+            out[f"{p}MultiHeadDotProductAttention_1/{n}/bias"] = [heads, dim // heads]
+        out[f"{p}MultiHeadDotProductAttention_1/out/kernel"] = [heads, dim // heads, dim]
+        out[f"{p}MultiHeadDotProductAttention_1/out/bias"] = [dim]
+        for ln in ("LayerNorm_0", "LayerNorm_2"):
+            out[f"{p}{ln}/scale"] = out[f"{p}{ln}/bias"] = [dim]
+        out[f"{p}MlpBlock_3/Dense_0/kernel"], out[f"{p}MlpBlock_3/Dense_0/bias"] = [dim, hidden], [hidden]
+        out[f"{p}MlpBlock_3/Dense_1/kernel"], out[f"{p}MlpBlock_3/Dense_1/bias"] = [hidden, dim], [dim]
+    return out
+
+
 def _load_jax(model: nn.Module, path: str, where: str) -> None:
     """An original JAX/Flax ViT .npz (e.g. ViT-B_16.npz, IN-21k, as the SPT reference uses), by timm's own reader
     (pos_embed resampled to the model's grid; the head only where its class count matches, else kept; a
@@ -188,14 +213,17 @@ def _load_jax(model: nn.Module, path: str, where: str) -> None:
         raise UserError(f"model.checkpoint: no such file '{path}'") from None
     except KeyError as e:
         key = str(e.args[0]).split(" is not a file")[0].strip("'") if e.args else "?"
-        raise UserError(f"{where}: missing '{key}' (a JAX ViT .npz array)") from None
+        shape = jax_shapes(model).get(key)
+        raise UserError(f"{where}: missing '{key}' ("
+                        + (f"expected shape {shape}, " if shape else "") + "an array of the JAX ViT layout)") from None
     except (RuntimeError, ValueError) as e:
         last = opened[-1].last if opened and opened[-1].last is not None else None
         if last is None:
             raise UserError(f"model.checkpoint: cannot read '{path}': {str(e).splitlines()[0]}") from None
         shape = list(np.shape(opened[-1].archive[last]))
-        raise UserError(f"{where}: '{last}' has shape {shape} (JAX layout) and does not fit: "
-                        f"{str(e).splitlines()[0]}") from None
+        expected = jax_shapes(model).get(last.removeprefix("opt/target/"))
+        raise UserError(f"{where}: '{last}' has shape {shape} (JAX layout), "
+                        + (f"expected {expected}" if expected else f"which does not fit: {str(e).splitlines()[0]}")) from None
     finally:
         for archive in opened:
             archive.close()

@@ -28,7 +28,7 @@ from spt_dist.backbones import spec_for
 from spt_dist.config import MethodConfig, load_config
 from spt_dist.data.dataset import resolve_dataset
 from spt_dist.errors import UserError
-from spt_dist.models import create_model
+from spt_dist.models import create_model, jax_shapes
 from spt_dist.peft.allocated import apply_allocation, read_allocation
 from spt_dist.peft.artifact import load_pretrained
 from spt_dist.selection.layout import build_layout
@@ -268,6 +268,7 @@ def _jax_npz(model) -> dict[str, np.ndarray]:
 def test_jax_npz_loads_and_gives_the_same_logits(tmp_path):
     source = _source(VIT)
     arrays = _jax_npz(source)
+    assert {k: list(v.shape) for k, v in arrays.items() if not k.startswith("head/")} == jax_shapes(source)
     path = str(tmp_path / "ViT-tiny.npz")
     np.savez(path, **arrays)
     torch.testing.assert_close(logits(create_model(VIT, 10, checkpoint=path)), logits(source), rtol=0, atol=1e-6)
@@ -278,9 +279,11 @@ def test_jax_npz_loads_and_gives_the_same_logits(tmp_path):
     # Wrong files: one line naming the first offending array.
     del arrays["Transformer/encoderblock_1/MlpBlock_3/Dense_0/bias"]
     np.savez(path, **arrays)
-    with pytest.raises(UserError, match="missing 'Transformer/encoderblock_1/MlpBlock_3/Dense_0/bias'"):
+    with pytest.raises(UserError, match=r"missing 'Transformer/encoderblock_1/MlpBlock_3/Dense_0/bias' \(expected "
+                                        r"shape \[128\], "):
         create_model(VIT, 10, checkpoint=path)
-    with pytest.raises(UserError, match=r"'embedding/kernel' has shape \[8, 8, 3, 64\] \(JAX layout\)") as err:
+    with pytest.raises(UserError, match=r"'embedding/kernel' has shape \[8, 8, 3, 64\] \(JAX layout\), expected "
+                                        r"\[8, 8, 3, 96\]$") as err:
         create_model("vit_test_small_patch8_32", 10, checkpoint=path)
     assert "\n" not in str(err.value)
 
