@@ -83,6 +83,17 @@ def test_family_specs_on_meta(name, family, blocks, matrices):
         assert "blocks.0.attn.q_bias" not in scored
 
 
+@pytest.mark.parametrize("backbone, params, gflops", [("swin_b", 86_743_224, 30.9)])  # EVA-02-L: README, 9 s
+def test_plan_covers_swin_and_eva(backbone, params, gflops):
+    """The shipped configs plan on the meta device: SPT-LoRA at 1 % trains the budget plus the head."""
+    from spt_dist.plan import make_plan
+    cfg = load_config([str(REPO / f"configs/backbones/{backbone}.yaml"), str(REPO / "configs/methods/spt_lora.yaml")],
+                      ["selection.budget=0.01"])
+    plan = make_plan(cfg, world_size=8, num_classes=100)
+    assert plan.backbone_params == params and plan.trainable_params == round(0.01 * params) + 1024 * 100 + 100
+    assert round(plan.forward_flops / 1e9, 1) == gflops  # timm's 15.5 GMACs, 2 FLOPs each
+
+
 def test_unsupported_models_are_one_line_errors():
     with pytest.raises(UserError, match="model.name: unknown model 'resnet50'"):
         create_model("resnet50", 10)
