@@ -99,6 +99,9 @@ def test_unsupported_models_are_one_line_errors():
         create_model("resnet50", 10)
     with pytest.raises(UserError, match="distilled DeiT has two heads"):
         create_model("deit_tiny_distilled_patch16_224", 10, device="meta")
+    with pytest.raises(UserError, match=r"method.lora_targets: VisionTransformer has no 'fc1_g' matrices \(its "
+                                        r"matrices: q, k, v, proj, fc1, fc2\)"):
+        spt_dist.get_peft_model(create_model(VIT, 4), MethodConfig(name="lora", lora_targets=["q", "fc1_g"]))
 
 
 # ------------------------------------------------------------------------------------------------ methods
@@ -132,8 +135,9 @@ def test_every_method_trains_and_merges_into_timm(name, tmp_path):
         torch.manual_seed(0)
         base = create_model(name, 4)
         initial = {k: v.clone() for k, v in base.state_dict().items()}
-        how = allocations.get(method) or (MethodConfig(name="lora", lora_rank=4, lora_targets=[
-            "q", "v", "fc1_g" if name == EVA else "reduction"]) if method == "lora" else method)
+        third = {EVA: "fc1_g", SWIN: "reduction"}.get(name, "fc2")  # a family's own matrix type
+        how = allocations.get(method) or (MethodConfig(name="lora", lora_rank=4, lora_targets=["q", "v", third])
+                                          if method == "lora" else method)
         peft = spt_dist.get_peft_model(base, how)
         _train(peft)
         trained = {n for n, p in peft.base_model.named_parameters() if p.requires_grad}
