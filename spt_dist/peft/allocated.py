@@ -141,7 +141,7 @@ def apply_allocation(model: nn.Module, record: dict, indices: dict[str, torch.Te
     for tensor, index in sparse.items():
         tuned, name = _tune(model, tensor)
         tuned.add_sparse(name, index, sparse_update)
-    if record["method"] == "spt" and getattr(model, "cls_token", None) is not None:
+    if record["method"] == "spt" and spec_for(model).class_token_numel(model):  # none in Swin
         model.cls_token.requires_grad_(True)
     model.get_classifier().requires_grad_(True)
     record_base_fingerprint(model)
