@@ -347,3 +347,48 @@ def test_mae_moco_and_safetensors_checkpoints_load(tmp_path):
     write_safetensors(str(tmp_path / "bad.safetensors"), state)
     with pytest.raises(UserError, match=r"'blocks.1.mlp.fc1_g.weight' has shape \[170, 32\], expected \[170, 64\]"):
         create_model(EVA, 4, checkpoint=str(tmp_path / "bad.safetensors"))
+
+
+def test_merged_state_dict_keeps_trained_layer_scale_gamma():
+    """A wrapped LayerScale (DINOv2/DeiT-III) keeps its merged gamma: the timm model gives the PEFT logits."""
+    from spt_dist.peft.artifact import merged_state_dict
+    from spt_dist.peft.tuned import tune
+    name = "vit_test_dinov2_tiny_patch8_32"
+    model = create_model(name, 10)
+    tuned = tune(model, "blocks.0.ls1")
+    tuned.add_sparse("gamma", torch.tensor([0, 3]), "delta")
+    with torch.no_grad():
+        tuned.gamma_delta.fill_(0.5)
+    state = merged_state_dict(model)
+    assert "blocks.0.ls1.gamma" in state
+    base = timm.create_model(name, num_classes=10)
+    assert base.load_state_dict(state, strict=False).missing_keys == []
+    x = torch.randn(2, 3, 32, 32)
+    model.eval(), base.eval()
+    assert torch.equal(model(x), base(x))
+
+
+def test_apply_description_prepares_a_fresh_fused_qkv_eva():
+    """A trained fused-qkv EVA-02 described onto the user's fresh (unprepared) timm model keeps its qkv deltas."""
+    from spt_dist.peft.allocated import apply_description, describe
+    from spt_dist.peft.tuned import tune
+    torch.manual_seed(0)
+    kwargs = dict(num_classes=3, qkv_fused=True, qkv_bias=True)
+    trained = timm.create_model(EVA, **kwargs)
+    spec_for(trained).prepare_model(trained)
+    fresh = timm.create_model(EVA, **kwargs)
+    fresh.load_state_dict(trained.state_dict())
+    trained.requires_grad_(False)
+    tuned = tune(trained, "blocks.0.attn.qkv")
+    tuned.add_sparse("weight", torch.arange(0, 4000, 7), "delta")
+    with torch.no_grad():
+        tuned.weight_delta.fill_(0.3)
+    state = trained.state_dict()
+    apply_description(fresh, describe(trained), state)
+    fresh.load_state_dict(state, strict=False)
+    trained.eval(), fresh.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(trained.forward_features(x), fresh.forward_features(x))
+    with torch.no_grad():
+        tuned.weight_delta.zero_()
+    assert not torch.equal(trained.forward_features(x), fresh.forward_features(x))

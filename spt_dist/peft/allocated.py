@@ -182,6 +182,7 @@ def _is_masked(model: nn.Module, name: str) -> bool:
 
 def apply_description(model: nn.Module, description: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
     """Gives a fresh model the structure of `describe` (index buffers and module shapes from `tensors`)."""
+    spec_for(model).prepare_model(model)  # e.g. EVA-02's fused qkv: a user's fresh timm model is not prepared yet
     model.requires_grad_(False)
     for path, spec in description["layers"].items():
         tuned = tune(model, path)
