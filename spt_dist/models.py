@@ -120,12 +120,16 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise UserError(f"model.checkpoint: no such file '{path}'") from None
     except Exception as e:  # corrupt file or pickled objects that weights_only refuses
-        raise UserError(f"model.checkpoint: cannot read '{path}': {str(e).splitlines()[0]}") from None
+        raise UserError(f"model.checkpoint: cannot read '{path}': {_first_line(e)}") from None
     for wrapper in ("state_dict", "model", "module"):  # common training-checkpoint layouts
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"model.checkpoint: '{path}' holds no flat mapping of tensors")
+    odd = [k for k in state if not isinstance(k, str)]
+    if odd:
+        raise UserError(f"model.checkpoint: '{path}' has a key that is not a string ({odd[0]!r}): "
+                        "not a state dict of named tensors")
     return to_timm_keys(state)
 
 
@@ -143,23 +147,6 @@ def to_timm_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if any(k.startswith("decoder_") for k in state):  # MAE pre-training: encoder + decoder
         state = {k: v for k, v in state.items() if not k.startswith("decoder_") and k != "mask_token"}
     return state
-
-
-class _Recording:
-    """An .npz archive that remembers the last key read (for naming it when its array does not fit)."""
-
-    def __init__(self, archive) -> None:
-        self.archive, self.last = archive, None
-
-    def __getitem__(self, key):
-        self.last = key
-        return self.archive[key]
-
-    def __contains__(self, key) -> bool:
-        return key in self.archive
-
-    def __getattr__(self, name):
-        return getattr(self.archive, name)
 
 
 def jax_shapes(model: VisionTransformer) -> dict[str, list[int]]:
@@ -191,42 +178,84 @@ def _load_jax(model: nn.Module, path: str, where: str) -> None:
     """An original JAX/Flax ViT .npz (e.g. ViT-B_16.npz, IN-21k, as the SPT reference uses), by timm's own reader
     (pos_embed resampled to the model's grid; the head only where its class count matches, else kept; a
     pre-logits layer the model lacks is ignored)."""
-    from unittest import mock  # noqa: PLC0415
-
-    import numpy as np  # noqa: PLC0415
     from timm.models import vision_transformer as vt  # noqa: PLC0415
 
     if not isinstance(model, VisionTransformer):
         raise UserError(f"{where}: a JAX .npz checkpoint holds a ViT (VisionTransformer), this is a "
                         f"{type(model).__name__}")
-    opened = []
-
-    def open_recording(*args, **kwargs):
-        opened.append(_Recording(_load_npz(*args, **kwargs)))
-        return opened[-1]
-
-    _load_npz = vt._load_npz_checkpoint
+    prefix = _check_jax_arrays(model, path, where)
     try:
-        with mock.patch.object(vt, "_load_npz_checkpoint", open_recording):
-            vt._load_weights(model, path)
-    except FileNotFoundError:
-        raise UserError(f"model.checkpoint: no such file '{path}'") from None
+        vt._load_weights(model, path)
     except KeyError as e:
         key = str(e.args[0]).split(" is not a file")[0].strip("'") if e.args else "?"
-        shape = jax_shapes(model).get(key)
+        shape = jax_shapes(model).get(key.removeprefix(prefix))
         raise UserError(f"{where}: missing '{key}' ("
                         + (f"expected shape {shape}, " if shape else "") + "an array of the JAX ViT layout)") from None
-    except (RuntimeError, ValueError) as e:
-        last = opened[-1].last if opened and opened[-1].last is not None else None
-        if last is None:
-            raise UserError(f"model.checkpoint: cannot read '{path}': {str(e).splitlines()[0]}") from None
-        shape = list(np.shape(opened[-1].archive[last]))
-        expected = jax_shapes(model).get(last.removeprefix("opt/target/"))
-        raise UserError(f"{where}: '{last}' has shape {shape} (JAX layout), "
-                        + (f"expected {expected}" if expected else f"which does not fit: {str(e).splitlines()[0]}")) from None
-    finally:
-        for archive in opened:
-            archive.close()
+    except Exception as e:  # what the up-front check did not foresee: still one line
+        raise UserError(f"{where}: timm cannot load it ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+_JAX_PREFIXES = ("opt/target/", "params/img/", "params/")  # timm's reader's order of looking
+
+
+def _jax_fits(key: str, shape: list[int], expected: list[int]) -> bool:
+    """Whether timm's reader takes an array of `shape` where the standard layout has `expected`: the position
+    embedding of another grid (resampled), a patch kernel of another patch size (resampled), and the 2-D
+    (flattened heads) forms of the attention kernels and biases."""
+    if shape == expected:
+        return True
+    if key.endswith("posembed_input/pos_embedding"):
+        return len(shape) == 3 and shape[0] == 1 and shape[-1] == expected[-1]
+    if key == "embedding/kernel":
+        return len(shape) == 4 and shape[2:] == expected[2:]
+    if "/MultiHeadDotProductAttention_1/" in key:
+        if key.endswith("out/kernel"):
+            return shape == [expected[0] * expected[1], expected[2]]
+        if key.endswith("/kernel"):
+            return shape == [expected[0], expected[1] * expected[2]]
+        if key.endswith("/bias") and len(expected) == 2:
+            return shape == [expected[0] * expected[1]]
+    return False
+
+
+def _check_jax_arrays(model: VisionTransformer, path: str, where: str) -> str:
+    """Reads only the array headers of the .npz (no data) and checks each array of the standard layout against
+    the model: the first that does not fit is one line naming it, its shape and the expected shape. Returns the
+    file's key prefix ('opt/target/' etc., or '')."""
+    import zipfile  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+
+    headers: dict[str, tuple[list[int], np.dtype]] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.namelist():
+                if not member.endswith(".npy"):
+                    continue
+                with archive.open(member) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(f)
+                headers[member[:-len(".npy")]] = (list(shape), dtype)
+    except FileNotFoundError:
+        raise UserError(f"model.checkpoint: no such file '{path}'") from None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as e:
+        raise UserError(f"model.checkpoint: cannot read '{path}' as a JAX .npz (a zip of .npy arrays): "
+                        f"{_first_line(e)}") from None
+    prefix = next((p for p in _JAX_PREFIXES if f"{p}embedding/kernel" in headers), "")
+    for key, (shape, dtype) in headers.items():
+        if dtype.hasobject:
+            raise UserError(f"{where}: '{key}' is an array of Python objects, not numbers")
+    for key, expected in jax_shapes(model).items():
+        found = headers.get(prefix + key)
+        if found is not None and not _jax_fits(key, found[0], expected):
+            raise UserError(f"{where}: '{prefix + key}' has shape {found[0]} (JAX layout), expected {expected}")
+    return prefix
 
 
 def load_backbone(model: nn.Module, path: str) -> None:
@@ -239,9 +268,20 @@ def load_backbone(model: nn.Module, path: str) -> None:
     convert = spec_for(model).checkpoint_filter
     try:
         state = convert(dict(raw), model) if convert else dict(raw)  # timm's conversions: pos_embed resize etc.
-    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AssertionError) as e:
-        raise UserError(f"{where}: timm cannot convert it ({type(e).__name__}: "
-                        f"{' '.join(str(e).split())[:200]})") from None
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AssertionError, AttributeError) as e:
+        modules = dict(model.named_modules())
+        stray = [k for k in raw if k.rpartition(".")[0] not in modules]
+        if stray:  # e.g. timm's Swin converter looks up the module of every relative_position_bias_table
+            raise UserError(f"{where}: unexpected '{stray[0]}' (shape {list(raw[stray[0]].shape)}; "
+                            f"{type(model).__name__} has no module '{stray[0].rpartition('.')[0]}')") from None
+        own = model.state_dict()
+        wrong = [k for k in raw if k in own and raw[k].shape != own[k].shape]
+        if wrong:
+            raise UserError(f"{where}: '{wrong[0]}' has shape {list(raw[wrong[0]].shape)}, expected "
+                            f"{list(own[wrong[0]].shape)} (timm cannot convert it: {type(e).__name__})") from None
+        detail = " ".join(str(e).split())[:200]
+        raise UserError(f"{where}: timm cannot convert it ({type(e).__name__}"
+                        + (f": {detail})" if detail else ")")) from None
     own = model.state_dict()
     for key in [k for k in state if k.startswith("head.")]:
         if key not in own or state[key].shape != own[key].shape:
@@ -259,4 +299,15 @@ def load_backbone(model: nn.Module, path: str) -> None:
         found = raw[wrong[0]] if wrong[0] in raw else state[wrong[0]]  # the file's shape, not timm's conversion
         raise UserError(f"{where}: '{wrong[0]}' has shape {list(found.shape)}, expected "
                         f"{list(own[wrong[0]].shape)}" + (f" ({len(wrong) - 1} more differ)" if len(wrong) > 1 else ""))
-    model.load_state_dict(state, strict=False)
+    meta = [k for k, v in state.items() if v.is_meta]
+    if meta:
+        raise UserError(f"{where}: '{meta[0]}' is a meta tensor (a shape without data), not weights")
+    odd = [k for k, v in state.items() if k in own and own[k].is_floating_point() and not v.is_floating_point()]
+    if odd:  # copy_ would cast ints silently and drop a complex tensor's imaginary part
+        raise UserError(f"{where}: '{odd[0]}' holds {str(state[odd[0]].dtype).removeprefix('torch.')}, expected "
+                        f"floating-point weights")
+    try:
+        model.load_state_dict(state, strict=False)
+    except Exception as e:  # e.g. a dtype torch cannot copy into the parameter
+        raise UserError(f"{where}: cannot load it ({type(e).__name__}: "
+                        f"{' '.join(_first_line(e).split())[:200]})") from None

@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import timm
@@ -392,3 +394,82 @@ def test_apply_description_prepares_a_fresh_fused_qkv_eva():
     with torch.no_grad():
         tuned.weight_delta.zero_()
     assert not torch.equal(trained.forward_features(x), fresh.forward_features(x))
+
+
+def _one_line(path: str, match: str, name: str = VIT) -> None:
+    with pytest.raises(UserError, match=match) as err:
+        create_model(name, 10, checkpoint=path)
+    assert "\n" not in str(err.value), str(err.value)
+
+
+def test_hostile_jax_npz_files_are_one_line_naming_the_array(tmp_path):
+    source = _source(VIT)
+    path = str(tmp_path / "edited.npz")
+    block = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/"
+    # Broadcastable wrong shapes are refused (timm's copy_ would take them), each naming its own array.
+    for key, value, expected in [("Transformer/encoder_norm/scale", np.ones(1, np.float32), "[64]"),
+                                 ("cls", np.ones(1, np.float32), "[1, 1, 64]"),
+                                 (f"{block}query/kernel", np.zeros((64, 2, 31), np.float32), "[64, 2, 32]"),
+                                 (f"{block}query/bias", np.zeros((2, 31), np.float32), "[2, 32]"),
+                                 (f"{block}query/kernel", np.zeros((64, 128), np.float32), "[64, 2, 32]")]:
+        arrays = _jax_npz(source)
+        arrays[key] = value
+        np.savez(path, **arrays)
+        _one_line(path, f"'{re.escape(key)}' has shape {re.escape(str(list(value.shape)))} \\(JAX layout\\), "
+                        f"expected {re.escape(expected)}$")
+    # The 2-D (flattened heads) forms timm takes still load, to the same logits.
+    arrays = _jax_npz(source)
+    for n in ("query", "key", "value"):
+        arrays[f"{block}{n}/kernel"] = arrays[f"{block}{n}/kernel"].reshape(64, 64)
+        arrays[f"{block}{n}/bias"] = arrays[f"{block}{n}/bias"].reshape(64)
+    arrays[f"{block}out/kernel"] = arrays[f"{block}out/kernel"].reshape(64, 64)
+    np.savez(path, **arrays)
+    assert torch.equal(logits(create_model(VIT, 10, checkpoint=path)), logits(source))
+    # opt/target/: a missing array keeps its expected shape; a wrong one is named with the prefix.
+    arrays = {f"opt/target/{k}": v for k, v in _jax_npz(source).items()}
+    del arrays["opt/target/Transformer/encoder_norm/bias"]
+    np.savez(path, **arrays)
+    _one_line(path, r"missing 'opt/target/Transformer/encoder_norm/bias' \(expected shape \[64\], ")
+    arrays["opt/target/Transformer/encoder_norm/bias"] = np.ones(3, np.float32)
+    np.savez(path, **arrays)
+    _one_line(path, r"'opt/target/Transformer/encoder_norm/bias' has shape \[3\] \(JAX layout\), expected \[64\]$")
+    # An object array; not a zip at all.
+    arrays = _jax_npz(source)
+    arrays["embedding/bias"] = np.array([object()] * 64, dtype=object)
+    np.savez(path, **arrays)
+    _one_line(path, "'embedding/bias' is an array of Python objects")
+    with open(path, "wb") as f:
+        f.write(b"not a zip file at all")
+    _one_line(path, f"model.checkpoint: cannot read '{re.escape(path)}' as a JAX .npz")
+
+
+def test_hostile_torch_checkpoints_are_one_line(tmp_path):
+    state = _source(VIT).state_dict()
+    path = str(tmp_path / "odd.pth")
+    for odd in (0, ("a",)):
+        torch.save({odd: torch.zeros(1), **state}, path)
+        _one_line(path, f"has a key that is not a string \\({re.escape(repr(odd))}\\)")
+    torch.save({k: (torch.empty(v.shape, device="meta") if k == "cls_token" else v) for k, v in state.items()}, path)
+    _one_line(path, "'cls_token' is a meta tensor")
+    torch.save({k: (v.to(torch.complex64) if k == "cls_token" else v) for k, v in state.items()}, path)
+    _one_line(path, "'cls_token' holds complex64, expected floating-point weights")
+    # Swin: timm's converter looks up the module of each relative_position_bias_table.
+    swin = {k: v.contiguous() for k, v in _source(SWIN).state_dict().items()}
+    path = str(tmp_path / "swin.safetensors")
+    write_safetensors(path, dict(swin, **{"extra.relative_position_bias_table": torch.zeros(49, 2)}))
+    _one_line(path, r"unexpected 'extra.relative_position_bias_table' \(shape \[49, 2\]", SWIN)
+    table = next(k for k in swin if k.endswith("relative_position_bias_table"))
+    write_safetensors(path, dict(swin, **{table: torch.zeros(7)}))
+    _one_line(path, f"'{re.escape(table)}' has shape \\[7\\], expected \\[49, 2\\]", SWIN)
+
+
+def test_error_without_a_message_is_still_one_line(tmp_path, monkeypatch):
+    import spt_dist.models as models
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("")
+    monkeypatch.setattr(torch, "load", fail)
+    path = str(tmp_path / "x.pth")
+    open(path, "wb").close()
+    with pytest.raises(UserError, match=f"model.checkpoint: cannot read '{re.escape(path)}': RuntimeError$"):
+        models.read_state_dict(path)
