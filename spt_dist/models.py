@@ -99,8 +99,8 @@ def create_model(name: str, num_classes: int, *, checkpoint: str | None = None, 
         kwargs["img_size"] = img_size
     with torch.device(device):
         model = timm.create_model(name, pretrained=False, **kwargs)
-    if not spec.accepts_model(model):
-        why = spec.refused.get(type(model), f"not a plain {spec.model_class.__name__}")
+    why = spec.refusal(model)
+    if why is not None:
         raise UserError(f"model.name: '{name}' is not supported ({type(model).__name__}: {why})")
     spec.prepare_model(model)
     if checkpoint is not None:

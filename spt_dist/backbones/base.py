@@ -3,8 +3,9 @@
 A spec says which Linears are weight matrices and their row blocks (a fused qkv is three matrices q, k, v),
 which parameters SPT scores and which GPS freezes besides the norms, the block modules (FSDP2 wrap units and
 the heat map's rows), the classifier and the class token, and how timm converts a checkpoint into its keys.
-The layout (selection/layout.py), LoRA placement (peft/lora.py), FSDP wrapping, FLOPs and the model factory
-all ask the spec of the model they hold; adding a family is one spec file registered here, plus its tests.
+The layout (selection/layout.py), LoRA placement (peft/lora.py), FSDP wrapping and the model factory ask the
+spec of the model they hold; adding a family is one spec file registered here, plus its tests (and matrix names
+or block paths no family had yet in selection/report.py's heat-map columns and config.py's lora_targets).
 """
 
 from __future__ import annotations
@@ -47,7 +48,13 @@ class BackboneSpec:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.names)
 
     def accepts_model(self, model: nn.Module) -> bool:
-        return isinstance(model, self.model_class) and type(model) not in self.refused
+        return self.refusal(model) is None
+
+    def refusal(self, model: nn.Module) -> str | None:
+        """Why this family does not take `model` (None: it does): the one place the refused classes are read."""
+        if not isinstance(model, self.model_class):
+            return f"not a plain {self.model_class.__name__}"
+        return self.refused.get(type(model))
 
     # ---------------------------------------------------------------------------------------------- structure
 
@@ -145,8 +152,9 @@ def spec_for(model: nn.Module) -> BackboneSpec:
     _load_families()
     for spec in _SPECS.values():
         if isinstance(model, spec.model_class):
-            if type(model) in spec.refused:
-                raise UserError(f"model: {type(model).__name__} is not supported: {spec.refused[type(model)]}")
+            why = spec.refusal(model)
+            if why is not None:
+                raise UserError(f"model: {type(model).__name__} is not supported: {why}")
             return spec
     raise UserError(f"model: {type(model).__name__} is not a supported backbone (supported: "
                     + ", ".join(f"{s.model_class.__name__} ({', '.join(s.names)})" for s in _SPECS.values()) + ")")

@@ -174,7 +174,8 @@ def build_layout(model: nn.Module, method: str) -> Layout:
     if method == "gps":
         fixed = {n: params[n].numel() for n, role in gps_roles(model).items() if role == "full"}
     else:
-        fixed = {"cls_token": model.cls_token.numel()} if spec.class_token_numel(model) else {}
+        token = spec.class_token_numel(model)
+        fixed = {"cls_token": token} if token else {}
     return Layout(tensors, units, backbone, fixed)
 
 
