@@ -122,7 +122,8 @@ class MethodConfig:
         _check(0.0 <= self.lora_dropout < 1.0, "method.lora_dropout", self.lora_dropout, "must be in [0, 1)")
         _check(0.0 <= self.module_drop_path < 1.0, "method.module_drop_path", self.module_drop_path,
                "must be in [0, 1)")
-        known = ("q", "k", "v", "proj", "fc1", "fc2", "fc1_g", "fc1_x", "reduction")
+        from spt_dist.backbones.base import all_matrix_types  # noqa: PLC0415 - imports timm: only when validated
+        known = all_matrix_types()
         for target in self.lora_targets:
             _check(target in known, "method.lora_targets", target, f"unknown matrix (known: {', '.join(known)})")
         _check(len(self.lora_targets) > 0, "method.lora_targets", self.lora_targets, "must not be empty")

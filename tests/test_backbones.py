@@ -473,3 +473,23 @@ def test_error_without_a_message_is_still_one_line(tmp_path, monkeypatch):
     open(path, "wb").close()
     with pytest.raises(UserError, match=f"model.checkpoint: cannot read '{re.escape(path)}': RuntimeError$"):
         models.read_state_dict(path)
+
+
+def test_heat_map_columns_blocks_and_lora_targets_come_from_the_specs():
+    """A family's matrix types and block paths are its spec's: the heat map's columns (the order unchanged) and
+    block rows, and the names method.lora_targets knows, are derived from the registered specs."""
+    from spt_dist.backbones import backbones
+    from spt_dist.backbones.base import all_matrix_types, block_pattern
+    from spt_dist.selection.report import _families
+    types = all_matrix_types()
+    assert types == ("q", "k", "v", "proj", "fc1", "fc1_g", "fc1_x", "fc2", "reduction")
+    for spec in backbones().values():
+        assert [t for t in types if t in spec.matrix_types()] == list(spec.matrix_types())
+    columns, block = _families()
+    assert columns == list(types)
+    assert block.match("layers.1.blocks.0.attn.qkv.weight").group(1) == "layers.1.blocks.0"
+    assert block.match("blocks.11.mlp.fc1.weight").group(1) == "blocks.11"
+    assert re.fullmatch(block_pattern(), "blocks.3")
+    MethodConfig(name="lora", lora_targets=list(types)).validate()
+    with pytest.raises(UserError, match="method.lora_targets: .*unknown matrix"):
+        MethodConfig(name="lora", lora_targets=["x"]).validate()

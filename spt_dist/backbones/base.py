@@ -131,6 +131,24 @@ def backbones() -> dict[str, BackboneSpec]:
     return dict(_SPECS)
 
 
+def all_matrix_types() -> tuple[str, ...]:
+    """Every family's matrix types, each family's order kept (a type first met goes right after the one before
+    it in its family): q, k, v, proj, fc1, fc1_g, fc1_x, fc2, reduction."""
+    out: list[str] = []
+    for spec in backbones().values():
+        previous = None
+        for kind in spec.matrix_types():
+            if kind not in out:
+                out.insert(out.index(previous) + 1 if previous is not None else len(out), kind)
+            previous = kind
+    return tuple(out)
+
+
+def block_pattern() -> str:
+    """A regex matching any family's block path (e.g. 'blocks.3', 'layers.2.blocks.5')."""
+    return "|".join(f"(?:{block})" for block in dict.fromkeys(spec.block for spec in backbones().values()))
+
+
 FAMILIES = ("vit", "swin", "eva")  # modules of spt_dist.backbones, each registering its spec
 
 

@@ -6,27 +6,32 @@ import re
 
 from spt_dist.atomic import atomic_path
 
-# Matrix types of every family, in column order (those an allocation has are shown), then the vectors.
-_MATRIX_COLUMNS = ["q", "k", "v", "proj", "fc1", "fc1_g", "fc1_x", "fc2"]
 _SHORT = {"lora": "L", "adapter": "A", "full": "F", "sparse": "", "frozen": "."}
-# A block of any family: 'blocks.3.' (ViT, EVA-02), 'layers.2.blocks.5.' (Swin): rows in the order met.
-_BLOCK = re.compile(r"^(.*?blocks\.\d+)\.")
+
+
+def _families() -> tuple[list[str], re.Pattern]:
+    """Matrix types of every family, in column order (those an allocation has are shown; the vectors follow),
+    and a block of any family ('blocks.3.' for ViT and EVA-02, 'layers.2.blocks.5.' for Swin; rows in the
+    order met): from the families' specs."""
+    from spt_dist.backbones.base import all_matrix_types, block_pattern  # noqa: PLC0415 - timm, when drawn
+    return list(all_matrix_types()), re.compile(f"^({block_pattern()})\\.")
 
 
 def _grid(record: dict) -> tuple[int, list[str], dict[tuple[int, str], list[dict]]]:
     """Units by (block, column); vectors of a block share one column. Blocks are numbered in model order."""
+    columns, block_re = _families()
     cells: dict[tuple[int, str], list[dict]] = {}
     rows: dict[str, int] = {}
     for u in record["units"]:
-        found = _BLOCK.match(u["name"])
+        found = block_re.match(u["name"])
         if not found:
             continue
         block = rows.setdefault(found.group(1), len(rows))
         column = "vectors" if u["kind"] == "vector" else u["name"].rsplit(".", 1)[-1]
-        if column == "vectors" or column in _MATRIX_COLUMNS:
+        if column == "vectors" or column in columns:
             cells.setdefault((block, column), []).append(u)
     present = {c for _, c in cells}
-    return len(rows), [c for c in _MATRIX_COLUMNS if c in present] + ["vectors"], cells
+    return len(rows), [c for c in columns if c in present] + ["vectors"], cells
 
 
 def _cell_text(units: list[dict]) -> str:
