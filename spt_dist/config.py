@@ -110,7 +110,8 @@ class MethodConfig:
     lora_alpha: float | None = None  # None: alpha = rank, i.e. no scaling (the SPT reference's choice)
     lora_dropout: float = 0.0  # on the input of LoRA and Adapter modules
     module_drop_path: float = 0.0  # per-sample drop-path on the output of LoRA and Adapter modules (SPEC 2: 0.1)
-    # Matrices that get LoRA; `q`, `k`, `v` are the row blocks of timm's fused qkv Linear.
+    # Matrices that get LoRA; `q`, `k`, `v` are the row blocks of timm's fused qkv Linear (or EVA-02's separate
+    # q/k/v projections); fc1_g, fc1_x are EVA-02's SwiGLU matrices; reduction is Swin's patch merging.
     lora_targets: list[str] = field(default_factory=lambda: ["q", "v"])
 
     def validate(self) -> None:
@@ -121,7 +122,8 @@ class MethodConfig:
         _check(0.0 <= self.lora_dropout < 1.0, "method.lora_dropout", self.lora_dropout, "must be in [0, 1)")
         _check(0.0 <= self.module_drop_path < 1.0, "method.module_drop_path", self.module_drop_path,
                "must be in [0, 1)")
-        known = ("q", "k", "v", "proj", "fc1", "fc2")
+        from spt_dist.backbones.base import all_matrix_types  # noqa: PLC0415 - imports timm: only when validated
+        known = all_matrix_types()
         for target in self.lora_targets:
             _check(target in known, "method.lora_targets", target, f"unknown matrix (known: {', '.join(known)})")
         _check(len(self.lora_targets) > 0, "method.lora_targets", self.lora_targets, "must not be empty")

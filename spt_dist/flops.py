@@ -1,8 +1,8 @@
 """FLOPs per image and model FLOPs utilisation (MFU), counted the way torchtitan reports them.
 
 FLOPs are counted by PyTorch's FlopCounterMode on a copy of the model built on the meta device: exact for
-every matmul and attention of the timm ViT (a ViT-B/16 forward at 224 px is 35.1 GFLOPs, timm's 17.6 GMACs),
-free of memory and instant even for a ViT-g. A training step's FLOPs depend on what trains:
+every matmul and attention of any supported family, no per-family code (a ViT-B/16 forward at 224 px is 35.1
+GFLOPs, timm's 17.6 GMACs; Swin-B 30.9; EVA-02-L 162.0), free of memory and instant even for a ViT-g. A training step's FLOPs depend on what trains:
 - full fine-tuning: forward + backward for activations and every weight (about 3x the forward);
 - a frozen backbone with small trainable modules (LoRA, SPT, GPS): forward + backward for activations
   through the blocks (about 2x); the trainable tensors' own gradients are small next to that and not counted;

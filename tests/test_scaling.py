@@ -181,7 +181,7 @@ METHODS = sorted((REPO / "configs/methods").glob("*.yaml"))
 
 @pytest.mark.parametrize("recipe", ["vtab", "fgvc"])
 def test_every_backbone_method_recipe_config_loads(recipe):
-    assert len(BACKBONES) == 4 and len(METHODS) == 6
+    assert len(BACKBONES) == 7 and len(METHODS) == 6
     for backbone in BACKBONES:
         for method in METHODS:
             cfg = load_config([str(REPO / f"configs/recipes/{recipe}.yaml"), str(backbone), str(method)],

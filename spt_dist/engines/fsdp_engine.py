@@ -1,4 +1,5 @@
-"""FSDP2 engine: `fully_shard` per transformer block and at the root, fp32 or bf16 compute."""
+"""FSDP2 engine: `fully_shard` per transformer block (the family's BackboneSpec says which modules) and at the
+root, fp32 or bf16 compute."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from spt_dist.backbones import spec_for
 from spt_dist.engines.base import ADAM_STATE, Engine, EngineSpec
 
 
@@ -23,7 +25,7 @@ class FSDPEngine(Engine):
         # bf16 compute with fp32 parameters and fp32 gradient reduction (the usual FSDP2 recipe).
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
             else MixedPrecisionPolicy()
-        for block in model.blocks:  # one all-gather unit per block: peak memory ≈ one unsharded block
+        for block in spec_for(model).block_modules(model):  # one all-gather unit per block: peak ≈ one block
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
         self.module = model

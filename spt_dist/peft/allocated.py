@@ -10,8 +10,10 @@ stores it, so a fresh timm model can be given the same trainable structure again
 from __future__ import annotations
 
 import torch
+from timm.layers import LayerScale
 from torch import nn
 
+from spt_dist.backbones import spec_for
 from spt_dist.errors import UserError
 from spt_dist.peft import fingerprint
 from spt_dist.peft.tuned import Tuned, tune
@@ -68,7 +70,8 @@ def check_allocation(record, indices: dict, model: nn.Module) -> None:
                             f"one has {here:,}: was the allocation made for another model?")
     params = dict(model.named_parameters())
     tunable = {f"{path}.{name}" if path else name for path, m in model.named_modules()
-               if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Conv2d, Tuned)) for name, _ in m.named_parameters(recurse=False)}
+               if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Conv2d, LayerScale, Tuned))
+               for name, _ in m.named_parameters(recurse=False)}
     modules = set()
     for unit in record["units"]:
         if not isinstance(unit, dict) or not isinstance(unit.get("name"), str) or unit.get("tensor") not in params:
@@ -93,15 +96,15 @@ def check_allocation(record, indices: dict, model: nn.Module) -> None:
                                 f"{list(param.shape)}, rank {unit.get('rank')!r})")
             modules.add(block)
         if decision in ("sparse", "full") and (r0, r1) != (0, param.shape[0]) and unit["tensor"] not in tunable:
-            raise UserError(f"allocation: unit '{unit['name']}': '{unit['tensor']}' is not a Linear, LayerNorm or "
-                            "conv parameter: its entries cannot be tuned apart")
+            raise UserError(f"allocation: unit '{unit['name']}': '{unit['tensor']}' is not a Linear, LayerNorm, "
+                            "conv or layer-scale parameter: its entries cannot be tuned apart")
     for name, index in indices.items():
         if name not in params:
             raise UserError(f"allocation: this model has no parameter '{name}': was the allocation made for "
                             "another model?")
         if name not in tunable:
-            raise UserError(f"allocation: '{name}' is not a Linear, LayerNorm or conv parameter: its entries cannot "
-                            "be tuned apart")
+            raise UserError(f"allocation: '{name}' is not a Linear, LayerNorm, conv or layer-scale parameter: its "
+                            "entries cannot be tuned apart")
         numel = params[name].numel()
         if index.dtype not in (torch.int32, torch.int64) or index.ndim != 1 or (index.numel() and (
                 int(index.min()) < 0 or int(index.max()) >= numel or not bool((index[1:] > index[:-1]).all()))):
@@ -112,6 +115,7 @@ def check_allocation(record, indices: dict, model: nn.Module) -> None:
 def apply_allocation(model: nn.Module, record: dict, indices: dict[str, torch.Tensor], *,
                      sparse_update: str = "delta", dropout: float = 0.0, drop_path: float = 0.0) -> nn.Module:
     check_allocation(record, indices, model)
+    spec_for(model).prepare_model(model)
     params = dict(model.named_parameters())
     model.requires_grad_(False)
     sparse = {name: index.to(torch.int64) for name, index in indices.items()}
@@ -137,7 +141,7 @@ def apply_allocation(model: nn.Module, record: dict, indices: dict[str, torch.Te
     for tensor, index in sparse.items():
         tuned, name = _tune(model, tensor)
         tuned.add_sparse(name, index, sparse_update)
-    if record["method"] == "spt" and getattr(model, "cls_token", None) is not None:
+    if record["method"] == "spt" and spec_for(model).class_token_numel(model):  # none in Swin
         model.cls_token.requires_grad_(True)
     model.get_classifier().requires_grad_(True)
     record_base_fingerprint(model)
@@ -178,6 +182,7 @@ def _is_masked(model: nn.Module, name: str) -> bool:
 
 def apply_description(model: nn.Module, description: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
     """Gives a fresh model the structure of `describe` (index buffers and module shapes from `tensors`)."""
+    spec_for(model).prepare_model(model)  # e.g. EVA-02's fused qkv: a user's fresh timm model is not prepared yet
     model.requires_grad_(False)
     for path, spec in description["layers"].items():
         tuned = tune(model, path)
@@ -198,5 +203,6 @@ def apply_description(model: nn.Module, description: dict, tensors: dict[str, to
 def trainable_state(model_state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """The artifact's tensors out of a (consolidated) state dict: everything trainable and the index buffers."""
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    names |= {n for n, _ in model.named_buffers() if n.endswith(("_delta_index", "_mask"))}
+    names |= {f"{path}.{n}" if path else n for path, module in model.named_modules() if isinstance(module, Tuned)
+              for n, _ in module.named_buffers(recurse=False) if n.endswith(("_delta_index", "_mask"))}
     return {k: v for k, v in model_state.items() if k in names}

@@ -124,7 +124,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, value in model.state_dict().items():
         path, _, leaf = name.rpartition(".")
         if path in tuned:
-            if leaf not in ("weight", "bias"):
+            if leaf not in tuned[path].param_names:
                 continue  # deltas, indices, masks, LoRA: folded in below
             try:
                 value = tuned[path].merged()[leaf]

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from spt_dist.backbones import spec_for
 from spt_dist.config import MethodConfig
+from spt_dist.errors import UserError
 from spt_dist.methods import get_method
 from spt_dist.peft.lora import matrix_blocks
 from spt_dist.peft.tuned import tune
@@ -32,8 +34,15 @@ def train_head(model: nn.Module, cfg: MethodConfig) -> nn.Module:  # noqa: ARG00
 def add_lora(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     """LoRA (rank, alpha/rank scaling, dropout, drop-path of `cfg`) on the `lora_targets` matrices, and the head."""
     train_head(model, cfg)
+    spec_for(model).prepare_model(model)
     alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank
-    for path, kind, rows in matrix_blocks(model).values():
+    matrices = matrix_blocks(model).values()
+    kinds = list(dict.fromkeys(kind for _, kind, _ in matrices))
+    for target in cfg.lora_targets:
+        if target not in kinds:
+            raise UserError(f"method.lora_targets: {type(model).__name__} has no '{target}' matrices (its "
+                            f"matrices: {', '.join(kinds)})")
+    for path, kind, rows in matrices:
         if kind in cfg.lora_targets:
             layer = tune(model, path)  # LoRA parameters are created trainable
             layer.add_lora(kind, rows, cfg.lora_rank, alpha / cfg.lora_rank)

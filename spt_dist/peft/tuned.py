@@ -1,6 +1,7 @@
-"""`Tuned`: a Linear, LayerNorm or Conv2d whose frozen parameters carry what an allocation trains.
+"""`Tuned`: a Linear, LayerNorm, Conv2d or layer scale whose frozen parameters carry what an allocation trains.
 
-The module takes over the parameters of the layer it replaces under the same names (`weight`, `bias`), so
+The module takes over the parameters of the layer it replaces under the same names (`weight`, `bias`; a layer
+scale's `gamma`: timm's LayerScale in DINOv2 / DeiT-III / CLIP ViTs), so
 state-dict keys stay timm's, and adds, all as its own direct parameters (ZeRO-3 gathers a module's direct
 parameters before its forward; FSDP2 shards per block):
 - sparse entries: `<param>_delta`, a zero-initialised delta on the entries listed in the int64 buffer
@@ -22,7 +23,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
+from timm.layers import DropPath, LayerScale
 from torch import nn
 
 SPARSE_MODES = ("delta", "dense_masked")
@@ -91,10 +92,13 @@ class Tuned(nn.Module):
         elif isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros":
             self.kind = "conv2d"
             self.conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+        elif isinstance(layer, LayerScale):
+            self.kind = "layer_scale"
         else:
             raise TypeError(f"cannot tune a {type(layer).__name__}")
-        self.weight = layer.weight
-        self.bias = layer.bias
+        self.param_names = ("gamma",) if self.kind == "layer_scale" else ("weight", "bias")
+        for name in self.param_names:
+            setattr(self, name, getattr(layer, name))
         self.sparse: dict[str, str] = {}  # parameter name -> mode
         self.lora: dict[str, tuple[int, int]] = {}
         self.adapters: dict[str, tuple[int, int]] = {}
@@ -165,6 +169,8 @@ class Tuned(nn.Module):
         return param
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layer_scale":  # out of place: the input may be needed for the gamma delta's gradient
+            return x * self.effective("gamma")
         bias = self.effective("bias") if self.bias is not None else None
         if self.kind == "linear" and self.sparse.get("weight") == "delta":
             y = _LinearWithDelta.apply(x, self.weight, bias, self.weight_delta, self.weight_delta_index,
@@ -205,7 +211,7 @@ class Tuned(nn.Module):
         if self.adapters:
             raise ValueError("adapters are sequential and non-linear: they cannot be merged into the weights")
         out = {}
-        for name in ("weight", "bias"):
+        for name in self.param_names:
             if getattr(self, name) is not None:
                 out[name] = self.effective(name).detach().clone()
         for block, (r0, r1) in self.lora.items():
@@ -215,11 +221,13 @@ class Tuned(nn.Module):
 
     @torch.no_grad()
     def unwrap(self) -> nn.Module:
-        """The plain layer (nn.Linear, nn.LayerNorm or nn.Conv2d) with what was learnt merged in."""
+        """The plain layer (nn.Linear, nn.LayerNorm, nn.Conv2d or LayerScale) with what was learnt merged in."""
         merged = self.merged()
-        weight = merged["weight"]
+        weight = merged["gamma" if self.kind == "layer_scale" else "weight"]
         with torch.device("meta"):
-            if self.kind == "linear":
+            if self.kind == "layer_scale":
+                layer = LayerScale(weight.shape[0])
+            elif self.kind == "linear":
                 layer = nn.Linear(weight.shape[1], weight.shape[0], bias=self.bias is not None)
             elif self.kind == "layer_norm":
                 layer = nn.LayerNorm(self.normalized_shape, eps=self.eps, bias=self.bias is not None)

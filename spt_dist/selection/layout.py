@@ -1,5 +1,5 @@
 """What is scored and what the allocation decides about: scored tensors, their canonical global index, and
-decision units (matrices, with timm's fused qkv split into q/k/v; vectors, the fused qkv bias split the same
+decision units (matrices, with a fused qkv split into q/k/v; vectors, the fused qkv bias split the same
 way); and what a method trains in full whatever the scores.
 
 The canonical global index of an entry is (scored tensors in `named_parameters` order, concatenated) ×
@@ -16,13 +16,11 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from spt_dist.peft.lora import matrix_blocks
+from spt_dist.backbones import spec_for
 
-# Not scored by SPT (SPEC 2): the new head and the embeddings.
-_SPT_EXCLUDED_PREFIXES = ("head.", "cls_token", "reg_token", "pos_embed", "patch_embed.")
-# Learned tokens and position embeddings: GPS freezes them (SPEC 3; the reference names pos_embed and cls_token,
-# and would fail on the other tokens, which it never meets).
-_TOKENS = ("pos_embed", "cls_token", "reg_token", "dist_token")
+# What SPT does not score (SPEC 2: the new head and the embeddings) and the learned tokens and position
+# embeddings GPS freezes (SPEC 3; the reference names pos_embed and cls_token) are the family's: its
+# BackboneSpec (spt_dist/backbones/) says.
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
 
 
@@ -93,11 +91,6 @@ class Layout:
         return sorted(spans)
 
 
-def _block_of(name: str) -> int | None:
-    parts = name.split(".")
-    return int(parts[1]) if parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit() else None
-
-
 def _head_names(model: nn.Module) -> set[str]:
     head = {id(p) for p in model.get_classifier().parameters()}
     return {n for n, p in model.named_parameters() if id(p) in head}
@@ -116,13 +109,13 @@ def gps_roles(model: nn.Module) -> dict[str, str]:
     """GPS's rule for every parameter outside the head (SPEC 3), tested in the reference's order: norms (weight
     and bias) and the tokens 'frozen'; then biases and layer scales ('gamma') 'full'; every other weight matrix
     or conv kernel 'rows' (per-row top-K of its scores). The head trains in full."""
-    head, norms = _head_names(model), _norm_names(model)
+    head, norms, spec = _head_names(model), _norm_names(model), spec_for(model)
     roles = {}
     for name, p in model.named_parameters():
         if name in head:
             continue
         leaf = name.rsplit(".", 1)[-1]
-        if name in norms or name.split(".", 1)[0] in _TOKENS:
+        if name in norms or spec.gps_frozen_name(name):
             roles[name] = "frozen"
         elif "bias" in leaf or "gamma" in leaf:
             roles[name] = "full"
@@ -132,10 +125,12 @@ def gps_roles(model: nn.Module) -> dict[str, str]:
 
 
 def scored_names(model: nn.Module, method: str) -> list[str]:
-    """SPT: every parameter of the blocks and the final norm. GPS: every weight (matrix or conv) but the head."""
+    """SPT: every parameter of the blocks and the final norm (as the family's spec says). GPS: every weight
+    (matrix or conv) but the head."""
     if method == "gps":
         return [name for name, role in gps_roles(model).items() if role == "rows"]
-    return [name for name, _ in model.named_parameters() if not name.startswith(_SPT_EXCLUDED_PREFIXES)]
+    spec = spec_for(model)
+    return [name for name, _ in model.named_parameters() if spec.spt_scored(name)]
 
 
 def build_layout(model: nn.Module, method: str) -> Layout:
@@ -150,12 +145,14 @@ def build_layout(model: nn.Module, method: str) -> Layout:
     # each. The reference builds q, k and v as Linears of their own, so a fused bias is one vector per row
     # block too (SPEC 2): judged, charged and trained alone.
     blocks_of: dict[str, list[tuple[str, str, tuple[int, int]]]] = {}
-    for unit_name, (path, kind, rows) in matrix_blocks(model).items():
+    spec = spec_for(model)
+    block_of = spec.block_index(model)
+    for unit_name, (path, kind, rows) in spec.matrix_blocks(model).items():
         blocks_of.setdefault(path, []).append((unit_name, kind, rows))
 
     units = []
     for t in tensors:
-        block = _block_of(t.name)
+        block = block_of(t.name)
         path, _, leaf = t.name.rpartition(".")
         fused = blocks_of.get(path, [])
         if leaf == "weight" and fused:
@@ -177,7 +174,8 @@ def build_layout(model: nn.Module, method: str) -> Layout:
     if method == "gps":
         fixed = {n: params[n].numel() for n, role in gps_roles(model).items() if role == "full"}
     else:
-        fixed = {"cls_token": model.cls_token.numel()} if getattr(model, "cls_token", None) is not None else {}
+        token = spec.class_token_numel(model)
+        fixed = {"cls_token": token} if token else {}
     return Layout(tensors, units, backbone, fixed)
 
 

@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
+import re
+
 from spt_dist.atomic import atomic_path
 
-_COLUMNS = ["q", "k", "v", "proj", "fc1", "fc2", "vectors"]
 _SHORT = {"lora": "L", "adapter": "A", "full": "F", "sparse": "", "frozen": "."}
 
 
-def _grid(record: dict) -> tuple[int, dict[tuple[int, str], list[dict]]]:
-    """Units by (block, column); vectors of a block share one column."""
+def _families() -> tuple[list[str], re.Pattern]:
+    """Matrix types of every family, in column order (those an allocation has are shown; the vectors follow),
+    and a block of any family ('blocks.3.' for ViT and EVA-02, 'layers.2.blocks.5.' for Swin; rows in the
+    order met): from the families' specs."""
+    from spt_dist.backbones.base import all_matrix_types, block_pattern  # noqa: PLC0415 - timm, when drawn
+    return list(all_matrix_types()), re.compile(f"^({block_pattern()})\\.")
+
+
+def _grid(record: dict) -> tuple[int, list[str], dict[tuple[int, str], list[dict]]]:
+    """Units by (block, column); vectors of a block share one column. Blocks are numbered in model order."""
+    columns, block_re = _families()
     cells: dict[tuple[int, str], list[dict]] = {}
-    blocks = 0
+    rows: dict[str, int] = {}
     for u in record["units"]:
-        parts = u["name"].split(".")
-        if parts[0] != "blocks":
+        found = block_re.match(u["name"])
+        if not found:
             continue
-        block = int(parts[1])
-        blocks = max(blocks, block + 1)
+        block = rows.setdefault(found.group(1), len(rows))
         column = "vectors" if u["kind"] == "vector" else u["name"].rsplit(".", 1)[-1]
-        if column in _COLUMNS:
+        if column == "vectors" or column in columns:
             cells.setdefault((block, column), []).append(u)
-    return blocks, cells
+    present = {c for _, c in cells}
+    return len(rows), [c for c in columns if c in present] + ["vectors"], cells
 
 
 def _cell_text(units: list[dict]) -> str:
@@ -59,11 +69,11 @@ def summary(record: dict) -> str:
                  f"scales) = {record['cost']:,} "
                  f"({100 * record['cost'] / record['backbone_params']:.3f}% of {record['backbone_params']:,} "
                  "backbone params)"]
-    blocks, cells = _grid(record)
+    blocks, columns, cells = _grid(record)
     width = 10
-    lines.append("  block " + "".join(c.rjust(width) for c in _COLUMNS))
+    lines.append("  block " + "".join(c.rjust(width) for c in columns))
     for b in range(blocks):
-        lines.append(f"  {b:5d} " + "".join(_cell_text(cells.get((b, c), [])).rjust(width) for c in _COLUMNS))
+        lines.append(f"  {b:5d} " + "".join(_cell_text(cells.get((b, c), [])).rjust(width) for c in columns))
     return "\n".join(lines)
 
 
@@ -75,20 +85,20 @@ def heatmap(record: dict):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    blocks, cells = _grid(record)
-    spent = np.zeros((max(blocks, 1), len(_COLUMNS)))
+    blocks, columns, cells = _grid(record)
+    spent = np.zeros((max(blocks, 1), len(columns)))
     for (b, c), units in cells.items():
-        spent[b, _COLUMNS.index(c)] = sum(u["cost"] for u in units)
+        spent[b, columns.index(c)] = sum(u["cost"] for u in units)
     fig, ax = plt.subplots(figsize=(7, 1.2 + 0.32 * blocks))
     image = ax.imshow(spent, aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(_COLUMNS)), _COLUMNS)
+    ax.set_xticks(range(len(columns)), columns)
     ax.set_yticks(range(blocks), [str(b) for b in range(blocks)])
     ax.set_ylabel("block")
     if blocks <= 40:
         top = spent.max() or 1.0
         for (b, c), units in cells.items():
-            ax.text(_COLUMNS.index(c), b, _cell_text(units), ha="center", va="center", fontsize=7,
-                    color="black" if spent[b, _COLUMNS.index(c)] > 0.6 * top else "white")
+            ax.text(columns.index(c), b, _cell_text(units), ha="center", va="center", fontsize=7,
+                    color="black" if spent[b, columns.index(c)] > 0.6 * top else "white")
     fig.colorbar(image, ax=ax, label="trainable parameters")
     ax.set_title(f"{record['method'].upper()}: where the budget went (cost {record['cost']:,})", fontsize=9)
     fig.tight_layout()
