@@ -153,9 +153,9 @@ class Cluster:
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none", "MpiDefault=none", "SwitchType=switch/none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU", "SlurmdParameters=config_overrides",
-            # Fast reactions for tests: a dead node is noticed within seconds, a job ends 10 s after SIGTERM,
+            # Fast reactions for tests: a dead node is noticed within seconds, a job ends 5 s after SIGTERM,
             # a requeued job may start again at once, and a node that comes back is used again.
-            "SlurmdTimeout=6", "KillWait=10", "MessageTimeout=10", "ReturnToService=2", "JobRequeue=1",
+            "SlurmdTimeout=6", "KillWait=5", "MessageTimeout=10", "ReturnToService=2", "JobRequeue=1",
             "MinJobAge=600", "SchedulerParameters=defer_batch=0", "InactiveLimit=0",
         ]
         lines += [f"NodeName={n} NodeAddr={self.address(n)} CPUs={self.cpus} RealMemory=4000 State=UNKNOWN"
