@@ -45,7 +45,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from spt_dist.atomic import write_text
-from spt_dist import runfiles
+from spt_dist import preemption, runfiles
 from spt_dist.cli import TRAIN_MODULE, TRAIN_STAGES, command
 from spt_dist.config import Config, load_config
 from spt_dist.errors import UserError
@@ -533,10 +533,16 @@ def _seconds(text: str | None) -> int | None:
     return ((days * 24 + hours) * 60 + minutes) * 60 + secs
 
 
+def show_job(job_id: int, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`scontrol show job` as a mapping (JobState, Reason, Restarts, RunTime, TimeLimit, ...); empty if unknown."""
+    shown = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
+                           env=env).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", shown))
+
+
 def _time_limit_reached(job_id: int) -> bool:
     """Whether the job has run its time limit (Slurm's SIGTERM then ends a timeout, not a cancel)."""
-    shown = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True).stdout
-    fields = dict(re.findall(r"(\w+)=(\S*)", shown))
+    fields = show_job(job_id)
     limit, ran = _seconds(fields.get("TimeLimit")), _seconds(fields.get("RunTime"))
     return limit is not None and ran is not None and ran >= limit
 
@@ -571,7 +577,7 @@ def run_task(argv: list[str]) -> None:
         env.update(RANK=env["SLURM_PROCID"], LOCAL_RANK=env["SLURM_LOCALID"], WORLD_SIZE=env["SLURM_NTASKS"])
         # A stop signal from here until the rank's handlers are set (its interpreter starting, its imports) stays
         # pending instead of killing it: the mask survives exec, and preemption.install() lifts it.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+        signal.pthread_sigmask(signal.SIG_BLOCK, preemption.SIGNALS)
     for var, sub in SCRATCH_DIRS.items():  # per node: ranks of different nodes never share a compile cache
         env.setdefault(var, os.path.join(args.scratch, sub))
         os.makedirs(env[var], exist_ok=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from spt_dist.engines.op_cache import private_op_cache
+from spt_dist.slurm import show_job
 from tests.conftest import REPO, tiny_overrides
 
 SBATCH = str(REPO / "launch" / "slurm" / "train.sbatch")
@@ -61,8 +62,9 @@ def submit(cluster, tmp_path: Path, shape: tuple[int, int], *script_args: str, s
 
 
 def job_info(cluster, job: int) -> dict[str, str]:
-    line = slurm(cluster, "scontrol", "show", "job", "-o", str(job)).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", line))
+    info = show_job(job, env=dict(os.environ, **cluster.env()))
+    assert info, f"scontrol knows no job {job}"
+    return info
 
 
 def wait_job(cluster, job: int, timeout: float = 300, until=None, on_requeue=None) -> dict[str, str]:

@@ -194,19 +194,16 @@ class Cluster:
 
     def crash_node(self, node: str) -> None:
         """The node dies: slurmd, its job steps and every rank on it killed at once."""
-        ns = self.netns(node)
-        pids = _run("ip", "netns", "pids", ns, check=False).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        self._signal_node(node, signal.SIGKILL)
 
     def freeze_node(self, node: str, frozen: bool = True) -> None:
         """Every process of the node stopped (SIGSTOP) or continued: a node that hangs."""
+        self._signal_node(node, signal.SIGSTOP if frozen else signal.SIGCONT)
+
+    def _signal_node(self, node: str, sig: signal.Signals) -> None:
         for pid in _run("ip", "netns", "pids", self.netns(node), check=False).stdout.split():
             try:
-                os.kill(int(pid), signal.SIGSTOP if frozen else signal.SIGCONT)
+                os.kill(int(pid), sig)
             except ProcessLookupError:
                 pass
 
