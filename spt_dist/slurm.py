@@ -21,10 +21,12 @@ Launchers:
              value), so the ranks get Slurm's signal and their node's scratch as with the other launchers.
 
 Preemption: `--signal=USR1@180` reaches the ranks, which stop at the next step, save a checkpoint and exit 0.
-A step that exits 0 with the run unfinished (no metrics.json) is followed by `scontrol requeue`. A stop
-signal to the batch step itself (`--signal=B:USR1@180`, `scancel`) is passed on to the ranks' step; after
-SIGTERM or SIGINT (a cancel, or a preemption that Slurm requeues itself) the job is not requeued by us, unless
-it has run its time limit (no --signal, or one that came too late): the ranks saved on that SIGTERM, so it is.
+Slurm sends that warning to a job's first start only; every later start of a requeued job gets the same SIGUSR1
+from the batch step itself, --stop-before seconds (default 180) before its time limit. A step that exits 0
+with the run unfinished (no metrics.json) is followed by `scontrol requeue`. A stop signal to the batch step
+itself (`--signal=B:USR1@180`, `scancel`) is passed on to the ranks' step; after SIGTERM or SIGINT (a cancel,
+or a preemption that Slurm requeues itself) the job is not requeued by us, unless it has run its time limit
+(--stop-before 0, or a stop that came too late): the ranks saved on that SIGTERM, so it is.
 A task ended by SIGUSR1 before its handler was set (srun exit 138) is requeued too.
 Per-node layout: logs in <run_dir>/slurm/job-<id>/<host>-<task>.out|.err; node-local scratch
 ($SLURM_TMPDIR or /tmp/spt_dist-<id>) for TMPDIR and TRITON_CACHE_DIR (DeepSpeed's compiled CPU op stays in
@@ -41,8 +43,11 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from spt_dist.atomic import write_text
 from spt_dist import preemption, runfiles
@@ -54,6 +59,7 @@ from spt_dist.errors import UserError
 _TRAIN = {"srun": ["-m", TRAIN_MODULE], "torchrun": ["-m", TRAIN_MODULE], "deepspeed": ["--module", TRAIN_MODULE]}
 LAUNCHERS = ("srun", "torchrun", "deepspeed")
 PARTIAL_SCORES = os.path.join(runfiles.SCORES, runfiles.PARTIAL_SCORES)  # a stopped score pass's state
+STOP_BEFORE_S = 180  # train.sbatch's `--signal=USR1@180`
 SCRATCH_DIRS = {"TMPDIR": "tmp", "TRITON_CACHE_DIR": "triton"}
 _FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGTERM, signal.SIGUSR1: signal.SIGUSR1}
 
@@ -401,6 +407,9 @@ def _launch_parser() -> argparse.ArgumentParser:
     parser.add_argument("--launcher", choices=LAUNCHERS, default="srun", help="how ranks start (default srun)")
     parser.add_argument("--stage-data", metavar="DIR",
                         help="copy the shard directories to DIR (absolute, node-local) on every node first")
+    parser.add_argument("--stop-before", type=int, default=STOP_BEFORE_S, metavar="SECONDS",
+                        help="signal the ranks (SIGUSR1) this long before each start's time limit, as "
+                             f"`--signal=USR1@N` does for the first start only (default {STOP_BEFORE_S}; 0: never)")
     parser.add_argument("--dry-run", action="store_true", help="print the job, each node's commands, run nothing")
     parser.add_argument("--nodelist", help="instead of SLURM_JOB_NODELIST, e.g. 'gpu[01-02]'")
     parser.add_argument("--nodes", type=int, help="instead of SLURM_NNODES (alone: hosts node0, node1, ...)")
@@ -469,37 +478,58 @@ def _exit_status(returncode: int) -> int:
 
 
 class _StepSignals:
-    """While a step runs, the batch step's stop signals go on to it (srun passes them to every task), once
-    each: `--signal=B:USR1@N` or a `kill` of the batch step reach the ranks too. SIGTERM and SIGINT (scancel,
-    or a preemption that Slurm requeues itself) also mean: no requeue of ours afterwards."""
+    """The batch step's stop signals go on to the step (srun passes them to every task), once each per step,
+    also those that came before it started: `--signal=B:USR1@N` or a `kill` of the batch step reach the ranks
+    too. SIGTERM and SIGINT (scancel, or a preemption that Slurm requeues itself) also mean: no requeue of ours
+    afterwards."""
 
     def __init__(self) -> None:
         self.step: subprocess.Popen | None = None
-        self.received: list[str] = []
+        self.received: list[signal.Signals] = []
+        self._sent: set[signal.Signals] = set()  # what the current step has been sent
         for sig in _FORWARDED:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        name = signal.Signals(signum).name
-        if name not in self.received:
-            self.received.append(name)
-            if self.step is not None and self.step.poll() is None:
-                self.step.send_signal(_FORWARDED[signal.Signals(signum)])
+        if signal.Signals(signum) not in self.received:
+            self.received.append(signal.Signals(signum))
+            self._forward()
+
+    def _forward(self) -> None:
+        if self.step is None or self.step.poll() is not None:
+            return
+        for sig in self.received:
+            if sig not in self._sent:
+                self._sent.add(sig)
+                self.step.send_signal(_FORWARDED[sig])
 
     def run(self, argv: list[str]) -> int:
+        """Runs one step; a signal that came before it started (between steps, or while this process started)
+        is passed on to it at once, so none is lost (the rank shim holds it until the ranks can act on it)."""
+        self.step, self._sent = None, set()
         self.step = subprocess.Popen(argv)
+        self._forward()
         return self.step.wait()
 
     @property
     def cancelled(self) -> bool:
-        return "SIGTERM" in self.received or "SIGINT" in self.received
+        return signal.SIGTERM in self.received or signal.SIGINT in self.received
 
 
-def run_plan(plan: Plan) -> int:
+def run_plan(plan: Plan, stop_before: int = 0) -> int:
     os.makedirs(plan.slurm_dir, exist_ok=True)  # srun opens the log files there, on the shared file system
     for path, content in plan.files.items():
         write_text(path, content)
     signals = _StepSignals()
+    timer = _signal_before_time_limit(plan.job.job_id, stop_before) if stop_before else None
+    try:
+        return _run_steps(plan, signals)
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def _run_steps(plan: Plan, signals: _StepSignals) -> int:
     for step in plan.steps:
         print(f"spt_dist.slurm: {shlex.join(step)}", flush=True)
         returncode = signals.run(step)
@@ -508,8 +538,9 @@ def run_plan(plan: Plan) -> int:
                 print("spt_dist.slurm: the time limit ended the job (no --signal, or it came too late); the ranks "
                       f"saved on its SIGTERM: scontrol requeue {plan.job.job_id}", flush=True)
                 return _requeue(plan)
-            print(f"spt_dist.slurm: {' and '.join(signals.received)} received (cancelled or preempted): "
-                  "the ranks saved what they could; not requeued", flush=True)
+            received = " and ".join(sig.name for sig in signals.received)
+            print(f"spt_dist.slurm: {received} received (cancelled or preempted): the ranks saved what they could; "
+                  "not requeued", flush=True)
             return _exit_status(returncode)
         if returncode == 128 + signal.SIGUSR1:  # srun: a task ended by the signal, before it could handle it
             print("spt_dist.slurm: SIGUSR1 ended a task in its first moments, before its handler was set: the run "
@@ -547,6 +578,30 @@ def _time_limit_reached(job_id: int) -> bool:
     return limit is not None and ran is not None and ran >= limit
 
 
+def _signal_before_time_limit(job_id: int, stop_before: int) -> threading.Timer | None:
+    """SIGUSR1 to this batch step (and so, once, to the ranks' step) `stop_before` s before this start's time
+    limit. Slurm's `--signal=USR1@N` is not sent again after `scontrol requeue` (22.05): without this, every start
+    after the first would run into its time limit and get SIGTERM, with only KillWait to save."""
+    end = show_job(job_id).get("EndTime", "")
+    try:
+        at = datetime.fromisoformat(end).timestamp() - stop_before  # Slurm prints the local time
+    except ValueError:
+        return None  # no time limit
+    if at <= time.time():
+        print(f"spt_dist.slurm: the time limit ({end}) is less than --stop-before {stop_before} s away: no signal "
+              "of ours; Slurm's SIGTERM at the limit stops the ranks", flush=True)
+        return None
+
+    def fire() -> None:
+        print(f"spt_dist.slurm: {stop_before} s before the time limit ({end}): SIGUSR1 to the ranks", flush=True)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    timer = threading.Timer(at - time.time(), fire)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def _requeue(plan: Plan) -> int:
     return _exit_status(subprocess.run(["scontrol", "requeue", str(plan.job.job_id)]).returncode)
 
@@ -558,7 +613,9 @@ def launch(argv: list[str]) -> int:
         return 0
     if "SLURM_JOB_ID" not in os.environ:
         raise UserError("not inside a Slurm job (no SLURM_JOB_ID): submit with sbatch, or use --dry-run")
-    return run_plan(plan)
+    if args.stop_before < 0:
+        raise UserError(f"--stop-before: {args.stop_before} must be >= 0")
+    return run_plan(plan, stop_before=args.stop_before)
 
 
 def run_task(argv: list[str]) -> None:

@@ -5,9 +5,10 @@
 - Every method (full, linear, LoRA, SPT-LoRA, SPT-Adapter, GPS) on each tiny family in one process: what
   trains moves, the rest stays bit for bit, and the merged model loads with `timm.create_model(name,
   checkpoint_path=...)` and gives the PEFT model's logits (tolerance 1e-5: folding B·A into W rounds).
-- Two real 2-rank runs, score -> allocate -> train -> merge: EVA-02 SPT-LoRA under ZeRO-3, Swin GPS under
-  FSDP2 (its blocks are the FSDP2 units). Their allocation files are byte-identical to one process's library path (spt_dist.score/allocate);
-  their trained tensors equal plain PyTorch playing both ranks (tests/reference.py), bit for bit.
+- Real 2-rank runs, score -> allocate -> train -> merge, of EVA-02 and Swin under ZeRO-3 (SPT-LoRA) and FSDP2
+  (GPS; the blocks are the FSDP2 units). Their allocation files are byte-identical to one process's library
+  path (spt_dist.score/allocate); their trained tensors equal plain PyTorch playing both ranks
+  (tests/reference.py), bit for bit.
 - Checkpoint formats, each file written by the test in that format's real key layout: JAX .npz (timm's own
   names), MAE .pth, MoCo v3 .pth.tar, safetensors; each loads and gives the source model's logits exactly.
   Wrong files: one line naming the first offending key and the expected shape.
@@ -195,10 +196,12 @@ def test_sparse_entries_of_a_layer_scale_train_and_merge(mode, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ 2 ranks
 
-RUNS = {  # name -> (model, method settings, engine): together every family-specific path on 2 ranks
-    "eva-zero3": (EVA, ["method.name=spt_lora", "selection.budget=3000", "optim.weight_decay=0.05"],
-                  ["engine.kind=deepspeed", "engine.zero_stage=3"]),
-    "swin-fsdp2": (SWIN, ["method.name=gps", "selection.loss=ce", "selection.k=2"], ["engine.kind=fsdp"]),
+SPT_LORA = ["method.name=spt_lora", "selection.budget=3000", "optim.weight_decay=0.05"]
+GPS = ["method.name=gps", "selection.loss=ce", "selection.k=2"]
+ZERO3, FSDP2 = ["engine.kind=deepspeed", "engine.zero_stage=3"], ["engine.kind=fsdp"]
+RUNS = {  # name -> (model, method settings, engine): each family under ZeRO-3 and FSDP2, with SPT-LoRA and GPS
+    "eva-zero3": (EVA, SPT_LORA, ZERO3), "eva-fsdp2": (EVA, GPS, FSDP2),
+    "swin-zero3": (SWIN, SPT_LORA, ZERO3), "swin-fsdp2": (SWIN, GPS, FSDP2),
 }
 CALIBRATION = ["selection.batch_size=16", "selection.micro_batch_size=8", "selection.batches=3"]
 

@@ -236,6 +236,7 @@ def test_non_editable_install_runs_the_demo_and_the_slurm_dry_run(tmp_path):
     """`pip install .` (a wheel, not the editable checkout) in a fresh venv, used from another directory: the
     console scripts make shards, train on 2 ranks through `torchrun -m spt_dist.train`, merge the artifact
     and print a Slurm dry run. The heavy dependencies come from this venv (a .pth line), not the network."""
+    import shutil
     import subprocess
     import sys
     import sysconfig
@@ -244,9 +245,13 @@ def test_non_editable_install_runs_the_demo_and_the_slurm_dry_run(tmp_path):
     site = next((venv / "lib").glob("python3*/site-packages"))
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     bin_dir = venv / "bin"
-    wheels = tmp_path / "wheels"
+    wheels, source = tmp_path / "wheels", tmp_path / "source"  # built from a copy: the checkout stays untouched
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "spt_dist", source / "spt_dist", ignore=shutil.ignore_patterns("__pycache__"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-index",
-                            "--no-build-isolation", "-w", str(wheels), str(REPO)],
+                            "--no-build-isolation", "-w", str(wheels), str(source)],
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     install = subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",

@@ -221,6 +221,18 @@ def test_a_rank_task_holds_stop_signals_until_its_handlers_are_set(tmp_path):
     assert (result.returncode, result.stdout.strip()) == (0, "SIGUSR1"), result.stderr
 
 
+def test_a_signal_to_the_batch_step_before_its_step_starts_reaches_the_step():
+    """`--signal=B:USR1@N` can come while the batch step starts, before srun runs: it is passed on when the step
+    starts (blocked there meanwhile, as the rank shim holds it), not lost."""
+    child = ("import signal; signal.signal(signal.SIGUSR1, lambda n, f: print('step got', signal.Signals(n).name)); "
+             "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})")
+    probe = ("import os, signal, sys; from spt_dist.slurm import _StepSignals; signals = _StepSignals(); "
+             "os.kill(os.getpid(), signal.SIGUSR1); signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1}); "
+             f"sys.exit(signals.run([sys.executable, '-c', {child!r}]))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout.strip()) == (0, "step got SIGUSR1"), result.stderr
+
+
 def test_copies_of_a_stop_signal_are_one_request_and_a_later_one_ends_the_rank():
     """Slurm signals every task and srun or torchrun pass their own copy on: copies within DUPLICATE_S are one
     request; a deliberate second signal after that ends the process at once."""
@@ -229,3 +241,7 @@ def test_copies_of_a_stop_signal_are_one_request_and_a_later_one_ends_the_rank()
              "p._FLAG.signalled_at -= p.DUPLICATE_S; os.kill(os.getpid(), signal.SIGTERM); print('survived')")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout.split()) == (-15, ["SIGTERM"]), result.stderr
+    # SIGUSR1 is a scheduler's warning: Slurm's `--signal` and the batch step's own timer may both send it.
+    probe = probe.replace("SIGTERM", "SIGUSR1")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout.split()) == (0, ["SIGUSR1", "survived"]), result.stderr

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from spt_dist.engines.op_cache import private_op_cache
 from spt_dist.slurm import show_job
@@ -195,6 +199,54 @@ def test_a_node_that_dies_mid_job_requeues_it_and_the_job_continues(cluster, syn
         cluster.start_node(node)
     metrics = finished(wait_job(cluster, job), run_dir)
     assert metrics["resumed_from_step"] >= 40 and metrics["steps"] == 120
+
+
+def wait_until_before_a_time_limit_check(cluster, lead: float) -> None:
+    """Returns `lead` s before slurmctld next checks time limits, which is when it sends `--signal=SIG@N`
+    warnings: every 30 s and a fraction (its background loop's PERIODIC_TIMEOUT, measured here: 30.1 s) from the
+    moment it became the primary controller."""
+    stamp = re.search(r"\[([\d\-T:.]+)\] Running as primary controller",
+                      Path(cluster.dir, "slurmctld.log").read_text())[1]
+    first, period = datetime.fromisoformat(stamp).timestamp(), 30.1  # the log's local time, as this machine's
+    check = first + math.ceil((time.time() + lead - first) / period) * period
+    time.sleep(max(0.0, check - lead - time.time()))
+
+
+def saved_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*")
+                  if (p / "state.json").is_file())
+
+
+def test_time_limit_stops_requeue_the_job_twice_and_the_result_equals_an_uninterrupted_run(cluster, synthetic_shards,
+                                                                                           tmp_path):
+    """`--time=1 --signal=USR1@59`: Slurm signals the first start at its first time-limit check (released LEAD s
+    before one); it sends no warning again after a requeue (22.05), so every later start gets its SIGUSR1 from
+    the batch step, `--stop-before` s before its own limit. Each stop saves and requeues; the final weights equal
+    an uninterrupted job's, bit for bit."""
+    lead, stop_before, steps = 12.0, 45, 700  # later starts stop 15 s in; ~20 s of training on 2 idle cores
+    args = ("--config", TINY, f"optim.max_steps={steps}", "output.eval_every=1000", "output.log_every=1000")
+    reference = submit(cluster, tmp_path, (2, 1), *args, *tiny_overrides(synthetic_shards, tmp_path, "uninterrupted"))
+    run_dir = tmp_path / "limited"
+    job = submit(cluster, tmp_path, (2, 1), "--stop-before", str(stop_before), *args,
+                 *tiny_overrides(synthetic_shards, tmp_path, "limited"),
+                 sbatch_args=("--time=1", "--signal=USR1@59", "--hold"))
+    wait_until_before_a_time_limit_check(cluster, lead)
+    slurm(cluster, "scontrol", "release", str(job))
+    info = wait_job(cluster, job, timeout=600)
+    metrics = finished(info, run_dir)
+    stops = saved_steps(run_dir)[:-1]  # where each start stopped (the last checkpoint is the end)
+    with open(os.path.join(cluster.dir, "jobs.jsonl"), "a") as f:
+        f.write(json.dumps({"JobId": job, "time_limit_stops_at_steps": stops}) + "\n")
+    assert int(info["Restarts"]) >= 2 and len(stops) == int(info["Restarts"]) and metrics["steps"] == steps, \
+        (info, stops)
+    starts = Path(info["StdOut"]).read_text().split("the run stopped early with its state saved")
+    assert len(starts) == len(stops) + 1, starts
+    ours = [": SIGUSR1 to the ranks" in start for start in starts[:-1]]
+    assert ours == [False] + [True] * (len(stops) - 1), (ours, starts)  # Slurm's own signal, then ours
+    finished(wait_job(cluster, reference), tmp_path / "uninterrupted")
+    want = load_file(str(tmp_path / "uninterrupted" / "model.safetensors"))
+    got = load_file(str(run_dir / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 # --------------------------------------------------------------------------------------------- sweep
