@@ -6,11 +6,11 @@
 score:      the score pass against the same number of plain forward+backward steps: the same engine, model,
             micro-batches (decoded once, held in memory, so data loading is in neither) and no-op optimizer
             step; the score pass adds only taking each rank's gradient shard and adding it to the scores.
-            The two loops alternate `--repeats` times after a warm-up. Target: ≤ 1.05×.
+            The two loops alternate `--repeats` times after a warm-up. Target: ≤ 1.02× (issue 19).
 allocation: SPT allocation at ViT-H scale (`--alloc-model`, scores on every entry the SPT rule scores) over
             the ranks, each holding the ZeRO-3 shard of every tensor: synthetic heavy-tailed scores saved in
             the score pass's own format, then timed: one read of the local scores (`load_scores` of this
-            rank's file, page cache warm) and `allocate_spt` at `--budget`. Target: ≤ 5× one read.
+            rank's file, page cache warm) and `allocate_spt` at `--budget`. Target: ≤ 3× one read (issue 19).
 """
 
 from __future__ import annotations
@@ -172,13 +172,23 @@ def worker(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # The driver: makes the data, starts each part's job, prints the figures.
 
-def run_part(part: str, args: argparse.Namespace, work: Path) -> dict:
+def make_score_shards(work: Path, samples: int, size: int = 32) -> None:
+    """Synthetic shards for the score part: 4 shards holding at least `samples` images of `size` px."""
+    subprocess.run([sys.executable, "-m", "spt_dist.data.shards", "synthetic", "--out", str(work / "shards"),
+                    "--classes", "10", "--train", str(4 * math.ceil(samples / 4)), "--test", "10", "--size", str(size),
+                    "--samples-per-shard", str(math.ceil(samples / 4))], check=True, cwd=REPO,
+                   stdout=subprocess.DEVNULL)
+
+
+def run_part(part: str, args: argparse.Namespace, work: Path, options: list[str] | None = None) -> dict:
+    """Runs one part's `args.nproc`-rank job; `options`: the workers' options (default: the driver's own)."""
     # The workers get the driver's options but --nproc: torch.distributed.run would take that for its own
     # --nproc-per-node (argparse accepts abbreviations), even after the script's name.
-    options = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--nproc")
-               and not (i and sys.argv[i] == "--nproc")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", __file__,
-           "--worker", part, "--work", str(work), *options]
+    if options is None:
+        options = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--nproc")
+                   and not (i and sys.argv[i] == "--nproc")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           __file__, "--worker", part, "--work", str(work), *options]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     log = work / f"{part}.log"
     with open(log, "w") as out:
@@ -193,11 +203,7 @@ def main() -> None:
         return worker(args)
     work = Path(tempfile.mkdtemp(prefix="spt_bench_selection_"))
     if args.part in ("score", "both"):
-        samples = args.batch_size * args.batches
-        subprocess.run([sys.executable, "-m", "spt_dist.data.shards", "synthetic", "--out", str(work / "shards"),
-                        "--classes", "10", "--train", str(4 * math.ceil(samples / 4)), "--test", "10",
-                        "--samples-per-shard", str(math.ceil(samples / 4))], check=True, cwd=REPO,
-                       stdout=subprocess.DEVNULL)
+        make_score_shards(work, args.batch_size * args.batches)
         r = run_part("score", args, work)
         plain, score = min(r["plain_s"]), min(r["score_s"])
         print(f"\nscore pass: {r['model']} / {r['method'].upper()} / {r['engine']} / {args.nproc} ranks / "
@@ -205,7 +211,7 @@ def main() -> None:
               f"(best of {args.repeats})")
         print(f"  plain forward+backward steps {plain:8.2f} s   {[round(s, 2) for s in r['plain_s']]}")
         print(f"  score pass                   {score:8.2f} s   {[round(s, 2) for s in r['score_s']]}")
-        print(f"  ratio                        {score / plain:8.3f} x   (target <= 1.05; decoding the "
+        print(f"  ratio                        {score / plain:8.3f} x   (target <= 1.02; decoding the "
               f"batches, in neither: {r['decode_s']:.2f} s)")
     if args.part in ("allocation", "both"):
         r = run_part("allocation", args, work)
@@ -218,7 +224,7 @@ def main() -> None:
               "page cache, as a new `--stage allocate` job)")
         print(f"  one pass over them in memory {r['sum_s']:8.2f} s   (a sum, for context)")
         print(f"  allocate_spt                 {r['alloc_s']:8.2f} s")
-        print(f"  ratio to one read            {r['alloc_s'] / r['read_s']:8.2f} x   (target <= 5; "
+        print(f"  ratio to one read            {r['alloc_s'] / r['read_s']:8.2f} x   (target <= 3; "
               f"{r['alloc_s'] / r['cold_s']:.2f} x the read from storage, {r['alloc_s'] / r['sum_s']:.0f} x the sum)")
     subprocess.run(["rm", "-rf", str(work)], check=False)
 

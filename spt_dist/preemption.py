@@ -1,11 +1,10 @@
 """Preemption: SIGTERM (a scheduler's kill, forwarded by torchrun and DeepSpeed's launcher), SIGUSR1 (Slurm's
 `--signal`) or SIGINT (Ctrl-C) asks the run to stop. The handler only sets a flag; the trainer reads it at the next
 step boundary and during evaluation, the score pass after each batch, all ranks together (one of them may have
-been signalled first); they save and exit cleanly. A second SIGTERM or SIGINT ends the process at once, as it
-would without us (for a start-up or a collective that hangs), unless it comes within DUPLICATE_S of the first:
-then it is a copy of the same request, which launchers make (Slurm signals every task of a step and srun,
-torchrun's agent or DeepSpeed's launcher pass their own copy on). SIGUSR1 is a scheduler's warning and never
-ends the process: Slurm's `--signal` and spt_dist.slurm's own timer may both send it.
+been signalled first); they save and exit cleanly. A second stop signal ends the process at once, as it would
+without us (for a start-up or a collective that hangs), unless it comes within DUPLICATE_S of the first: then it
+is a copy of the same request, which launchers make (Slurm signals every task of a step and srun, torchrun's
+agent or DeepSpeed's launcher pass their own copy on).
 
 The handlers are installed once per process, as early as the entry point can (`install()`), so a signal during
 start-up is kept too and ends the run at its first step boundary instead of killing it half-built.
@@ -82,8 +81,8 @@ class _Flag:
 
     def handle(self, signum, frame) -> None:  # noqa: ARG002
         if self.signalled_at is not None:
-            if signum == signal.SIGUSR1 or time.monotonic() - self.signalled_at < DUPLICATE_S:
-                return  # the same request, passed on by a launcher, or a scheduler's warning again
+            if time.monotonic() - self.signalled_at < DUPLICATE_S:
+                return  # the same request, passed on by a launcher
             # A second stop signal: stop at once, as without our handler (a start-up stuck waiting for its peers,
             # a collective waiting for a dead one or a save that hangs would otherwise ignore every signal).
             signal.signal(signum, signal.SIG_DFL)

@@ -20,13 +20,13 @@ Launchers:
              step inside the job (not pdsh over ssh, whose remote shell would run any `;`, `$()` or backtick in a
              value), so the ranks get Slurm's signal and their node's scratch as with the other launchers.
 
-Preemption: `--signal=USR1@180` reaches the ranks, which stop at the next step, save a checkpoint and exit 0.
-Slurm sends that warning to a job's first start only; every later start of a requeued job gets the same SIGUSR1
-from the batch step itself, --stop-before seconds (default 180) before its time limit. A step that exits 0
-with the run unfinished (no metrics.json) is followed by `scontrol requeue`. A stop signal to the batch step
-itself (`--signal=B:USR1@180`, `scancel`) is passed on to the ranks' step; after SIGTERM or SIGINT (a cancel,
-or a preemption that Slurm requeues itself) the job is not requeued by us, unless it has run its time limit
-(--stop-before 0, or a stop that came too late): the ranks saved on that SIGTERM, so it is.
+Preemption: `--signal=USR1@180` reaches the ranks, which stop at the next step, save a checkpoint and exit 0
+(Slurm sends it again to every start of a requeued job). A step that exits 0 with the run unfinished (no
+metrics.json) is followed by `scontrol requeue`. A stop signal to the batch step itself (`--signal=B:USR1@180`,
+`scancel`) is passed on to the ranks' step, also one that came before the step started; after SIGTERM or
+SIGINT (a cancel, or a preemption that Slurm requeues itself) the job is not requeued by us, unless it has run
+its time limit (no --signal, or one that came too late: `--signal=USR1@N` goes to the job's steps, and one
+that comes before the step starts is lost): the ranks saved on that SIGTERM, so it is.
 A task ended by SIGUSR1 before its handler was set (srun exit 138) is requeued too.
 Per-node layout: logs in <run_dir>/slurm/job-<id>/<host>-<task>.out|.err; node-local scratch
 ($SLURM_TMPDIR or /tmp/spt_dist-<id>) for TMPDIR and TRITON_CACHE_DIR (DeepSpeed's compiled CPU op stays in
@@ -43,11 +43,8 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from spt_dist.atomic import write_text
 from spt_dist import preemption, runfiles
@@ -59,7 +56,6 @@ from spt_dist.errors import UserError
 _TRAIN = {"srun": ["-m", TRAIN_MODULE], "torchrun": ["-m", TRAIN_MODULE], "deepspeed": ["--module", TRAIN_MODULE]}
 LAUNCHERS = ("srun", "torchrun", "deepspeed")
 PARTIAL_SCORES = os.path.join(runfiles.SCORES, runfiles.PARTIAL_SCORES)  # a stopped score pass's state
-STOP_BEFORE_S = 180  # train.sbatch's `--signal=USR1@180`
 SCRATCH_DIRS = {"TMPDIR": "tmp", "TRITON_CACHE_DIR": "triton"}
 _FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGTERM, signal.SIGUSR1: signal.SIGUSR1}
 
@@ -407,9 +403,6 @@ def _launch_parser() -> argparse.ArgumentParser:
     parser.add_argument("--launcher", choices=LAUNCHERS, default="srun", help="how ranks start (default srun)")
     parser.add_argument("--stage-data", metavar="DIR",
                         help="copy the shard directories to DIR (absolute, node-local) on every node first")
-    parser.add_argument("--stop-before", type=int, default=STOP_BEFORE_S, metavar="SECONDS",
-                        help="signal the ranks (SIGUSR1) this long before each start's time limit, as "
-                             f"`--signal=USR1@N` does for the first start only (default {STOP_BEFORE_S}; 0: never)")
     parser.add_argument("--dry-run", action="store_true", help="print the job, each node's commands, run nothing")
     parser.add_argument("--nodelist", help="instead of SLURM_JOB_NODELIST, e.g. 'gpu[01-02]'")
     parser.add_argument("--nodes", type=int, help="instead of SLURM_NNODES (alone: hosts node0, node1, ...)")
@@ -516,20 +509,11 @@ class _StepSignals:
         return signal.SIGTERM in self.received or signal.SIGINT in self.received
 
 
-def run_plan(plan: Plan, stop_before: int = 0) -> int:
+def run_plan(plan: Plan) -> int:
     os.makedirs(plan.slurm_dir, exist_ok=True)  # srun opens the log files there, on the shared file system
     for path, content in plan.files.items():
         write_text(path, content)
     signals = _StepSignals()
-    timer = _signal_before_time_limit(plan.job.job_id, stop_before) if stop_before else None
-    try:
-        return _run_steps(plan, signals)
-    finally:
-        if timer is not None:
-            timer.cancel()
-
-
-def _run_steps(plan: Plan, signals: _StepSignals) -> int:
     for step in plan.steps:
         print(f"spt_dist.slurm: {shlex.join(step)}", flush=True)
         returncode = signals.run(step)
@@ -578,30 +562,6 @@ def _time_limit_reached(job_id: int) -> bool:
     return limit is not None and ran is not None and ran >= limit
 
 
-def _signal_before_time_limit(job_id: int, stop_before: int) -> threading.Timer | None:
-    """SIGUSR1 to this batch step (and so, once, to the ranks' step) `stop_before` s before this start's time
-    limit. Slurm's `--signal=USR1@N` is not sent again after `scontrol requeue` (22.05): without this, every start
-    after the first would run into its time limit and get SIGTERM, with only KillWait to save."""
-    end = show_job(job_id).get("EndTime", "")
-    try:
-        at = datetime.fromisoformat(end).timestamp() - stop_before  # Slurm prints the local time
-    except ValueError:
-        return None  # no time limit
-    if at <= time.time():
-        print(f"spt_dist.slurm: the time limit ({end}) is less than --stop-before {stop_before} s away: no signal "
-              "of ours; Slurm's SIGTERM at the limit stops the ranks", flush=True)
-        return None
-
-    def fire() -> None:
-        print(f"spt_dist.slurm: {stop_before} s before the time limit ({end}): SIGUSR1 to the ranks", flush=True)
-        os.kill(os.getpid(), signal.SIGUSR1)
-
-    timer = threading.Timer(at - time.time(), fire)
-    timer.daemon = True
-    timer.start()
-    return timer
-
-
 def _requeue(plan: Plan) -> int:
     return _exit_status(subprocess.run(["scontrol", "requeue", str(plan.job.job_id)]).returncode)
 
@@ -613,9 +573,7 @@ def launch(argv: list[str]) -> int:
         return 0
     if "SLURM_JOB_ID" not in os.environ:
         raise UserError("not inside a Slurm job (no SLURM_JOB_ID): submit with sbatch, or use --dry-run")
-    if args.stop_before < 0:
-        raise UserError(f"--stop-before: {args.stop_before} must be >= 0")
-    return run_plan(plan, stop_before=args.stop_before)
+    return run_plan(plan)
 
 
 def run_task(argv: list[str]) -> None:

@@ -4,9 +4,9 @@ A spec says which Linears are weight matrices and their row blocks (a fused qkv 
 which parameters SPT scores and which GPS freezes besides the norms, the block modules (FSDP2 wrap units and
 the heat map's rows), the classifier and the class token, and how timm converts a checkpoint into its keys.
 The layout (selection/layout.py), LoRA placement (peft/lora.py), FSDP wrapping and the model factory ask the
-spec of the model they hold; the heat map's columns and rows (selection/report.py) and the names
-method.lora_targets knows (config.py) come from all the specs (all_matrix_types, block_pattern). Adding a family
-is one spec file registered here, plus its tests.
+spec of the model they hold; the heat map's columns and rows (selection/report.py) come from all the specs
+(all_matrix_types, block_pattern), and config.MATRIX_TYPES, the names method.lora_targets knows, is tested
+equal to all_matrix_types(). Adding a family is one spec file registered here, plus its tests.
 """
 
 from __future__ import annotations

@@ -75,11 +75,11 @@ def _gather_indices(local: dict[str, list[torch.Tensor]], layout: Layout) -> dic
     everyone = gather_to_main(mine)
     if everyone is None:
         return {}
-    out = {}
+    out, dtype = {}, _index_dtype(layout)  # once: it looks at every tensor
     for t in layout.tensors:
         parts = [part[t.name] for part in everyone if t.name in part]
         if parts:
-            out[t.name] = torch.sort(torch.cat(parts)).values.to(_index_dtype(layout))
+            out[t.name] = torch.sort(torch.cat(parts)).values.to(dtype)
     return out
 
 
