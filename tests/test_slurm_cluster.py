@@ -1,7 +1,8 @@
 """Slurm for real: a private cluster on this machine (launch/slurm/local_cluster.py: munge, slurmctld and two
 slurmd nodes, each in a network namespace of its own) runs the job script `launch/slurm/train.sbatch` as users
 submit it: every launcher on 2 nodes x 1 rank and 1 node x 2 ranks, a signal during start-up (requeued), scancel,
-a node that dies mid-job (requeued by Slurm), and a sweep submitted with --slurm.
+a node that dies mid-job (requeued by Slurm), Slurm's own time-limit signal (requeued at least twice), and a
+sweep submitted with --slurm.
 
 Skipped where no cluster can start (not root, Slurm not installed), except under SPT_REQUIRE_SLURM=1 (.ci/run
 sets it), where that fails. Slurm holds a requeued job for 120 s (Reason=BeginTime); the tests release it at once
@@ -220,7 +221,8 @@ def test_time_limit_signals_requeue_the_job_and_the_result_equals_an_uninterrupt
     uninterrupted job's, bit for bit."""
     lead, steps = 20.0, 800  # 2 nodes x 1 rank: ~24 steps/s and ~10 s of start-up on 2 idle cores
     args = ("--config", TINY, f"optim.max_steps={steps}", "output.eval_every=1000", "output.log_every=1000")
-    reference = submit(cluster, tmp_path, (2, 1), *args, *tiny_overrides(synthetic_shards, tmp_path, "uninterrupted"))
+    reference = submit(cluster, tmp_path, (2, 1), *args, *tiny_overrides(synthetic_shards, tmp_path, "uninterrupted"),
+                       sbatch_args=("--hold",))  # runs after the other, which it would slow down (more requeues)
     run_dir = tmp_path / "limited"
     job = submit(cluster, tmp_path, (2, 1), *args, *tiny_overrides(synthetic_shards, tmp_path, "limited"),
                  sbatch_args=("--time=1", "--signal=USR1@59", "--hold"))
@@ -242,6 +244,7 @@ def test_time_limit_signals_requeue_the_job_and_the_result_equals_an_uninterrupt
         f.write(json.dumps({"JobId": job, "time_limit_stops_at_steps": stops}) + "\n")
     assert int(info["Restarts"]) == len(stops) >= 2 and metrics["steps"] == steps, (info, stops)
     assert Path(info["StdOut"]).read_text().count("the run stopped early with its state saved") == len(stops)
+    slurm(cluster, "scontrol", "release", str(reference))
     finished(wait_job(cluster, reference), tmp_path / "uninterrupted")
     want = load_file(str(tmp_path / "uninterrupted" / "model.safetensors"))
     got = load_file(str(run_dir / "model.safetensors"))
