@@ -23,10 +23,11 @@ Launchers:
 Preemption: `--signal=USR1@180` reaches the ranks, which stop at the next step, save a checkpoint and exit 0
 (Slurm sends it again to every start of a requeued job). A step that exits 0 with the run unfinished (no
 metrics.json) is followed by `scontrol requeue`. A stop signal to the batch step itself (`--signal=B:USR1@180`,
-`scancel`) is passed on to the ranks' step, also one that came before the step started; after SIGTERM or
-SIGINT (a cancel, or a preemption that Slurm requeues itself) the job is not requeued by us, unless it has run
-its time limit (no --signal, or one that came too late: `--signal=USR1@N` goes to the job's steps, and one
-that comes before the step starts is lost): the ranks saved on that SIGTERM, so it is.
+`scancel`) is passed on to the ranks' step; one that came before the step started means it is not started
+(SIGUSR1 then requeues the job at once). After SIGTERM or SIGINT (a cancel, or a preemption that Slurm
+requeues itself) the job is not requeued by us, unless it has run its time limit (no --signal, or one that
+came too late: `--signal=USR1@N` goes to the job's steps, and one that comes before the step starts is lost):
+the ranks saved on that SIGTERM, so it is.
 A task ended by SIGUSR1 before its handler was set (srun exit 138) is requeued too.
 Per-node layout: logs in <run_dir>/slurm/job-<id>/<host>-<task>.out|.err; node-local scratch
 ($SLURM_TMPDIR or /tmp/spt_dist-<id>) for TMPDIR and TRITON_CACHE_DIR (DeepSpeed's compiled CPU op stays in
@@ -471,37 +472,27 @@ def _exit_status(returncode: int) -> int:
 
 
 class _StepSignals:
-    """The batch step's stop signals go on to the step (srun passes them to every task), once each per step,
-    also those that came before it started: `--signal=B:USR1@N` or a `kill` of the batch step reach the ranks
-    too. SIGTERM and SIGINT (scancel, or a preemption that Slurm requeues itself) also mean: no requeue of ours
-    afterwards."""
+    """While a step runs, the batch step's stop signals go on to it (srun passes them to every task), once
+    each: `--signal=B:USR1@N` or a `kill` of the batch step reach the ranks too. One that came before a step
+    started (while this process started, or between steps) means the step is not started at all: srun would
+    die of it before setting its handlers. SIGTERM and SIGINT (scancel, or a preemption that Slurm requeues
+    itself) also mean: no requeue of ours afterwards. Installed first thing, before the job is read."""
 
     def __init__(self) -> None:
         self.step: subprocess.Popen | None = None
         self.received: list[signal.Signals] = []
-        self._sent: set[signal.Signals] = set()  # what the current step has been sent
         for sig in _FORWARDED:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        if signal.Signals(signum) not in self.received:
-            self.received.append(signal.Signals(signum))
-            self._forward()
-
-    def _forward(self) -> None:
-        if self.step is None or self.step.poll() is not None:
-            return
-        for sig in self.received:
-            if sig not in self._sent:
-                self._sent.add(sig)
+        sig = signal.Signals(signum)
+        if sig not in self.received:
+            self.received.append(sig)
+            if self.step is not None and self.step.poll() is None:
                 self.step.send_signal(_FORWARDED[sig])
 
     def run(self, argv: list[str]) -> int:
-        """Runs one step; a signal that came before it started (between steps, or while this process started)
-        is passed on to it at once, so none is lost (the rank shim holds it until the ranks can act on it)."""
-        self.step, self._sent = None, set()
         self.step = subprocess.Popen(argv)
-        self._forward()
         return self.step.wait()
 
     @property
@@ -509,14 +500,18 @@ class _StepSignals:
         return signal.SIGTERM in self.received or signal.SIGINT in self.received
 
 
-def run_plan(plan: Plan) -> int:
+def run_plan(plan: Plan, signals: _StepSignals) -> int:
     os.makedirs(plan.slurm_dir, exist_ok=True)  # srun opens the log files there, on the shared file system
     for path, content in plan.files.items():
         write_text(path, content)
-    signals = _StepSignals()
     for step in plan.steps:
-        print(f"spt_dist.slurm: {shlex.join(step)}", flush=True)
-        returncode = signals.run(step)
+        if signals.received:
+            received = " and ".join(sig.name for sig in signals.received)
+            print(f"spt_dist.slurm: {received} received before the step started; it is not started", flush=True)
+            status = 0
+        else:
+            print(f"spt_dist.slurm: {shlex.join(step)}", flush=True)
+            status = _exit_status(signals.run(step))
         if signals.cancelled:
             if _time_limit_reached(plan.job.job_id) and needs_requeue(0, plan.run_dir, plan.stage):
                 print("spt_dist.slurm: the time limit ended the job (no --signal, or it came too late); the ranks "
@@ -525,13 +520,15 @@ def run_plan(plan: Plan) -> int:
             received = " and ".join(sig.name for sig in signals.received)
             print(f"spt_dist.slurm: {received} received (cancelled or preempted): the ranks saved what they could; "
                   "not requeued", flush=True)
-            return _exit_status(returncode)
-        if returncode == 128 + signal.SIGUSR1:  # srun: a task ended by the signal, before it could handle it
+            return status
+        if status == 128 + signal.SIGUSR1:  # srun, or a task, ended by the signal before it could handle it
             print("spt_dist.slurm: SIGUSR1 ended a task in its first moments, before its handler was set: the run "
                   f"goes on from its last checkpoint: scontrol requeue {plan.job.job_id}", flush=True)
             return _requeue(plan)
-        if returncode != 0:
-            return _exit_status(returncode)
+        if status != 0:
+            return status
+        if signals.received:
+            break  # SIGUSR1: the run stops here, to be continued
     if not needs_requeue(0, plan.run_dir, plan.stage):
         return 0
     print(f"spt_dist.slurm: the run stopped early with its state saved: scontrol requeue {plan.job.job_id}",
@@ -567,13 +564,14 @@ def _requeue(plan: Plan) -> int:
 
 
 def launch(argv: list[str]) -> int:
+    signals = _StepSignals()  # first: a stop signal while the job is read is kept, not fatal
     plan, args = plan_from_args(argv, os.environ)
     if args.dry_run:
         print(describe(plan))
         return 0
     if "SLURM_JOB_ID" not in os.environ:
         raise UserError("not inside a Slurm job (no SLURM_JOB_ID): submit with sbatch, or use --dry-run")
-    return run_plan(plan)
+    return run_plan(plan, signals)
 
 
 def run_task(argv: list[str]) -> None:

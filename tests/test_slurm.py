@@ -231,16 +231,18 @@ def test_a_rank_task_holds_stop_signals_until_its_handlers_are_set(tmp_path):
     assert (result.returncode, result.stdout.strip()) == (0, "SIGUSR1"), result.stderr
 
 
-def test_a_signal_to_the_batch_step_before_its_step_starts_reaches_the_step():
-    """`--signal=B:USR1@N` can come while the batch step starts, before srun runs: it is passed on when the step
-    starts (blocked there meanwhile, as the rank shim holds it), not lost."""
-    child = ("import signal; signal.signal(signal.SIGUSR1, lambda n, f: print('step got', signal.Signals(n).name)); "
-             "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})")
-    probe = ("import os, signal, sys; from spt_dist.slurm import _StepSignals; signals = _StepSignals(); "
-             "os.kill(os.getpid(), signal.SIGUSR1); signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1}); "
-             f"sys.exit(signals.run([sys.executable, '-c', {child!r}]))")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
-    assert (result.returncode, result.stdout.strip()) == (0, "step got SIGUSR1"), result.stderr
+def test_a_stop_signal_before_the_step_starts_means_it_is_not_started(tmp_path):
+    """srun would die of a signal that reached it before its handlers: a step is not started after one came
+    (here SIGUSR1 to a finished run: nothing to requeue, exit 0, no srun)."""
+    probe = ("import os, pathlib, signal, sys; from spt_dist.slurm import _StepSignals, plan_from_args, run_plan; "
+             "signals = _StepSignals(); plan, _ = plan_from_args(['--config', 'tests/configs/tiny.yaml', "
+             f"'output.dir={tmp_path}', 'output.name=x'], {{'SLURM_JOB_ID': '1', 'SLURM_JOB_NODELIST': 'n1', "
+             "'SLURM_NTASKS_PER_NODE': '2'}); pathlib.Path(plan.run_dir).mkdir(parents=True); "
+             "pathlib.Path(plan.run_dir, 'metrics.json').write_text('{}'); os.kill(os.getpid(), signal.SIGUSR1); "
+             "sys.exit(run_plan(plan, signals))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "spt_dist.slurm: SIGUSR1 received before the step started; it is not started"
 
 
 def test_copies_of_a_stop_signal_are_one_request_and_a_later_one_ends_the_rank():

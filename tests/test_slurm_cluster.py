@@ -213,6 +213,7 @@ def wait_until_before_a_time_limit_check(cluster, lead: float) -> None:
     time.sleep(max(0.0, check - lead - time.time()))
 
 
+@pytest.mark.timeout(1200)  # the job's starts (under 600 s), then the reference job
 def test_time_limit_signals_requeue_the_job_and_the_result_equals_an_uninterrupted_run(cluster, synthetic_shards,
                                                                                       tmp_path):
     """`--time=1 --signal=USR1@59`: Slurm signals each start at its first time-limit check (every 30 s), the
