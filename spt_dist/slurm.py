@@ -499,6 +499,10 @@ class _StepSignals:
     def cancelled(self) -> bool:
         return signal.SIGTERM in self.received or signal.SIGINT in self.received
 
+    @property
+    def names(self) -> str:
+        return " and ".join(sig.name for sig in self.received)
+
 
 def run_plan(plan: Plan, signals: _StepSignals) -> int:
     os.makedirs(plan.slurm_dir, exist_ok=True)  # srun opens the log files there, on the shared file system
@@ -506,8 +510,7 @@ def run_plan(plan: Plan, signals: _StepSignals) -> int:
         write_text(path, content)
     for step in plan.steps:
         if signals.received:
-            received = " and ".join(sig.name for sig in signals.received)
-            print(f"spt_dist.slurm: {received} received before the step started; it is not started", flush=True)
+            print(f"spt_dist.slurm: {signals.names} received before the step started; it is not started", flush=True)
             status = 0
         else:
             print(f"spt_dist.slurm: {shlex.join(step)}", flush=True)
@@ -517,9 +520,8 @@ def run_plan(plan: Plan, signals: _StepSignals) -> int:
                 print("spt_dist.slurm: the time limit ended the job (no --signal, or it came too late); the ranks "
                       f"saved on its SIGTERM: scontrol requeue {plan.job.job_id}", flush=True)
                 return _requeue(plan)
-            received = " and ".join(sig.name for sig in signals.received)
-            print(f"spt_dist.slurm: {received} received (cancelled or preempted): the ranks saved what they could; "
-                  "not requeued", flush=True)
+            print(f"spt_dist.slurm: {signals.names} received (cancelled or preempted): the ranks saved what they "
+                  "could; not requeued", flush=True)
             return status
         if status == 128 + signal.SIGUSR1:  # srun, or a task, ended by the signal before it could handle it
             print("spt_dist.slurm: SIGUSR1 ended a task in its first moments, before its handler was set: the run "

@@ -108,6 +108,13 @@ def finished(info: dict[str, str], run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+def same_weights(a: Path, b: Path) -> None:
+    first, second = load_file(a), load_file(b)
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
 # --------------------------------------------------------------------------------------------- launchers
 
 # No shell may ever run this name's `;`, `$()` or backticks (DeepSpeed's pdsh runner would, on every node).
@@ -247,9 +254,7 @@ def test_time_limit_signals_requeue_the_job_and_the_result_equals_an_uninterrupt
     assert Path(info["StdOut"]).read_text().count("the run stopped early with its state saved") == len(stops)
     slurm(cluster, "scontrol", "release", str(reference))
     finished(wait_job(cluster, reference), tmp_path / "uninterrupted")
-    want = load_file(str(tmp_path / "uninterrupted" / "model.safetensors"))
-    got = load_file(str(run_dir / "model.safetensors"))
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    same_weights(run_dir / "model.safetensors", tmp_path / "uninterrupted" / "model.safetensors")
 
 
 # --------------------------------------------------------------------------------------------- sweep
