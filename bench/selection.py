@@ -1,16 +1,19 @@
 """The two costs of selection, each measured side by side with its reference in one multi-rank job.
 
     .venv/bin/python bench/selection.py                      # both parts, 2 CPU ranks
-    .venv/bin/python bench/selection.py --part score --model vit_base_patch16_224 --engine zero3
+    .venv/bin/python bench/selection.py --part score --model vit_base_patch16_224 --engine fsdp2
+    .venv/bin/python bench/selection.py --part allocation \
+        --alloc-model vit_base_patch16_224,vit_large_patch16_224,vit_huge_patch14_224,vit_giant_patch14_224
 
 score:      the score pass against the same number of plain forward+backward steps: the same engine, model,
             micro-batches (decoded once, held in memory, so data loading is in neither) and no-op optimizer
             step; the score pass adds only taking each rank's gradient shard and adding it to the scores.
             The two loops alternate `--repeats` times after a warm-up. Target: ≤ 1.02× (issue 19).
-allocation: SPT allocation at ViT-H scale (`--alloc-model`, scores on every entry the SPT rule scores) over
+allocation: SPT allocation at ViT-H scale (`--alloc-model`, a list: one job each, scores on every entry the SPT rule scores) over
             the ranks, each holding the ZeRO-3 shard of every tensor: synthetic heavy-tailed scores saved in
             the score pass's own format, then timed: one read of the local scores (`load_scores` of this
-            rank's file, page cache warm) and `allocate_spt` at `--budget`. Target: ≤ 3× one read (issue 19).
+            rank's file, page cache warm) and `allocate_spt` at `--budget`. Target: ≤ 3× one read (issue 19), and
+            linear: the same time per million scores at every size.
 """
 
 from __future__ import annotations
@@ -152,11 +155,12 @@ def allocation_worker(args: argparse.Namespace, info) -> dict:
     sum_s = min(timed(lambda: [c.values.sum() for c in scores.chunks]) for _ in range(args.repeats))
     sel = SelectionConfig(method="spt", budget=args.budget)
     result = {}
-    alloc_s = min(timed(lambda: result.update(allocation=allocate_spt(scores, layout, sel)))
-                  for _ in range(args.repeats))
+    alloc_all_s = [timed(lambda: result.update(allocation=allocate_spt(scores, layout, sel)))
+                   for _ in range(args.repeats)]
     record = result["allocation"].record
     return {"model": args.alloc_model, "scored": layout.scored_params, "local": scores.numel,
-            "local_bytes": scores.numel * 4, "read_s": read_s, "cold_s": cold_s, "sum_s": sum_s, "alloc_s": alloc_s,
+            "local_bytes": scores.numel * 4, "read_s": read_s, "cold_s": cold_s, "sum_s": sum_s,
+            "alloc_s": min(alloc_all_s), "alloc_all_s": alloc_all_s,
             "budget": record["target"], "cost": record["cost"], "threads": torch.get_num_threads()}
 
 
@@ -214,18 +218,29 @@ def main() -> None:
         print(f"  ratio                        {score / plain:8.3f} x   (target <= 1.02; decoding the "
               f"batches, in neither: {r['decode_s']:.2f} s)")
     if args.part in ("allocation", "both"):
-        r = run_part("allocation", args, work)
-        print(f"\nallocation: {r['model']} / SPT / {args.nproc} ranks / {r['scored']:,} scores, "
-              f"{r['local']:,} per rank ({r['local_bytes'] / 2**30:.2f} GiB) / budget {r['budget']:,} "
-              f"-> cost {r['cost']:,} / {r['threads']} thread(s) per rank")
-        print(f"  one read of the local scores {r['read_s']:8.2f} s   (load_scores and a first pass over the values, "
-              "page cache warm)")
-        print(f"  ... from storage             {r['cold_s']:8.2f} s   (the same after evicting the file from the "
-              "page cache, as a new `--stage allocate` job)")
-        print(f"  one pass over them in memory {r['sum_s']:8.2f} s   (a sum, for context)")
-        print(f"  allocate_spt                 {r['alloc_s']:8.2f} s")
-        print(f"  ratio to one read            {r['alloc_s'] / r['read_s']:8.2f} x   (target <= 3; "
-              f"{r['alloc_s'] / r['cold_s']:.2f} x the read from storage, {r['alloc_s'] / r['sum_s']:.0f} x the sum)")
+        rows = []
+        for model in args.alloc_model.split(","):
+            r = run_part("allocation", args, work, ["--alloc-model", model, "--budget", str(args.budget),
+                                                    "--repeats", str(args.repeats)])
+            rows.append(r)
+            print(f"\nallocation: {r['model']} / SPT / {args.nproc} ranks / {r['scored']:,} scores, "
+                  f"{r['local']:,} per rank ({r['local_bytes'] / 2**30:.2f} GiB) / budget {r['budget']:,} "
+                  f"-> cost {r['cost']:,} / {r['threads']} thread(s) per rank")
+            print(f"  one read of the local scores {r['read_s']:8.2f} s   (load_scores and a first pass over the "
+                  "values, page cache warm)")
+            print(f"  ... from storage             {r['cold_s']:8.2f} s   (the same after evicting the file from the "
+                  "page cache, as a new `--stage allocate` job)")
+            print(f"  one pass over them in memory {r['sum_s']:8.2f} s   (a sum, for context)")
+            print(f"  allocate_spt                 {r['alloc_s']:8.2f} s   {[round(t, 2) for t in r['alloc_all_s']]}")
+            print(f"  ratio to one read            {r['alloc_s'] / r['read_s']:8.2f} x   (target <= 3; "
+                  f"{r['alloc_s'] / r['cold_s']:.2f} x the read from storage, {r['alloc_s'] / r['sum_s']:.0f} x the sum)")
+        if len(rows) > 1:
+            print(f"\nallocation by size (best of {args.repeats}; load average {os.getloadavg()[0]:.2f}):")
+            print(f"  {'model':24s} {'scores/rank':>12s} {'read s':>7s} {'alloc s':>8s} {'x read':>7s} "
+                  f"{'ms per M scores':>16s}")
+            for r in rows:
+                print(f"  {r['model']:24s} {r['local']:12,d} {r['read_s']:7.2f} {r['alloc_s']:8.2f} "
+                      f"{r['alloc_s'] / r['read_s']:7.2f} {r['alloc_s'] / r['local'] * 1e9:16.2f}")
     subprocess.run(["rm", "-rf", str(work)], check=False)
 
 

@@ -99,6 +99,7 @@ def test_spt_cut_is_the_brute_force_optimum(distributed_results):
     structured_seen = set()
     for settings in runs:
         key = "spt-" + "-".join(f"{k}={v}" for k, v in settings.items())
+        assert distributed_results[key + "-other-paths"] == distributed_results[key], key  # tie bisection etc.
         got = distributed_results[key]
         sel = SelectionConfig(method="spt", **settings).resolved()
         want = brute_force_spt(layout, sel)

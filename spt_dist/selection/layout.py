@@ -211,6 +211,11 @@ class UnitCosts:
         self.factor = torch.tensor(factor, dtype=torch.float64)
         self.base = layout.fixed_full_params
 
+    def max_step(self) -> int:
+        """The most one more pick can add to the total cost: 1, or a whole unit's full/structured cost when that
+        pick switches the unit."""
+        return max(1, int(self.full_cost.max())) if self.full_cost.numel() else 1
+
     def switched(self, picks: torch.Tensor) -> torch.Tensor:
         """Which units take their full/structured cost at these pick counts ([..., units] int64)."""
         n = picks.to(torch.float64)

@@ -13,11 +13,15 @@ import torch
 from spt_dist.config import SelectionConfig
 from spt_dist.distributed import init_distributed, shutdown_distributed
 from spt_dist.models import create_model
+from spt_dist.selection import spt_allocation
 from spt_dist.selection.allocation import allocate
 from spt_dist.selection.layout import build_layout
 from spt_dist.selection.scores import Chunk, LocalScores, check_coverage
 
-BUDGETS = [1, 500, 3000, 0.05, 0.3, 0.8]
+BUDGETS = [1, 500, 3000, 15597, 0.05, 0.3, 0.8]  # 15597: the cut one step further lies in a lower level-1 bin
+# The SPT search's other paths, for the same answers: ties at the cut found by bisection over the global index
+# (rather than gathered), and one candidate pass per level-1 bin (rather than one for both cuts).
+OTHER_PATHS = {"_GATHERED_TIES": 0, "_SPREAD": -1}
 
 
 def synthetic_scores(numel: int, seed: int) -> torch.Tensor:
@@ -56,6 +60,15 @@ def main() -> None:
             key = f"{method}-" + "-".join(f"{k}={v}" for k, v in settings.items())
             results[key] = {"record": allocation.record,
                             "indices": {n: v.tolist() for n, v in allocation.indices.items()}}
+            if method == "spt":
+                defaults = {name: getattr(spt_allocation, name) for name in OTHER_PATHS}
+                for name, value in OTHER_PATHS.items():
+                    setattr(spt_allocation, name, value)
+                other = allocate(scores, layout, SelectionConfig(method=method, **settings))
+                for name, value in defaults.items():
+                    setattr(spt_allocation, name, value)
+                results[key + "-other-paths"] = {"record": other.record,
+                                                 "indices": {n: v.tolist() for n, v in other.indices.items()}}
     if info.is_main:
         with open(out, "w") as f:
             json.dump(results, f)
