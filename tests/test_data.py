@@ -102,6 +102,18 @@ def test_synthetic_cli(tmp_path):
     assert json.loads((out / "sizes.json").read_text())["train-000001.tar"] == 10
 
 
+def test_synthetic_jpeg(tmp_path):
+    """--format jpg: JPEG members (what the loader benchmark reads), decoded by the streams like any others."""
+    shards.main(["synthetic", "--out", str(tmp_path), "--classes", "2", "--train", "6", "--test", "0", "--size", "24",
+                 "--format", "jpg", "--samples-per-shard", "3"])
+    paths = expand_shards(f"{tmp_path}/train-*.tar", "k")
+    with tarfile.open(paths[0]) as t:
+        assert [n.split(".")[1] for n in t.getnames()] == ["jpg", "cls"] * 3
+        assert t.extractfile(t.getnames()[0]).read()[:2] == b"\xff\xd8"  # a JPEG's start-of-image marker
+    batches = list(EvalStream(paths, rank=0, world=1, batch_size=4, transform=to_tensor, num_classes=2))
+    assert sum(len(b["keys"]) for b in batches) == 6 and batches[0]["images"].shape[1:] == (3, 24, 24)
+
+
 def test_synthetic_is_learnable(syn):
     """Nearest class-mean colour already separates the classes; the model has stripes on top."""
     def features(split):
@@ -217,6 +229,45 @@ def test_train_stream_epoch_and_rng_isolation(syn):
     epoch0 = keys_of(take(stream, TRAIN // 16))
     assert torch.equal(torch.rand(3), expected)  # the stream's random transform left the global RNG alone
     assert sorted(epoch0) == sorted(all_keys(paths))  # one epoch = every sample exactly once
+
+
+def test_train_augmentation_is_seeded_by_the_sample_alone(syn):
+    """Sample i of a worker's epoch is transformed under the python, numpy and torch RNG states of generators
+    seeded from random.Random("spt_dist/spt_dist/SEED/EPOCH/RANK/WORKER/i") (seed_string(seed_string(seed, epoch,
+    rank, worker), i); what an IsolatedRng of that string gives):
+    fixed across versions, so a checkpoint resumes with the same augmentation; and the global states are the
+    trainer's again after each batch."""
+    import random
+
+    from spt_dist.data.loader import IsolatedRng
+
+    def draws(img):  # the first draw of each RNG, as the "image"
+        return torch.tensor([random.random(), np.random.rand(), torch.rand(()).item()], dtype=torch.float64)
+
+    def expected(seed):
+        r = random.Random(seed)
+        py, npy, th = r.getrandbits(64), r.getrandbits(32), r.getrandbits(63)
+        return [random.Random(py).random(), np.random.RandomState(npy).rand(),
+                torch.rand((), generator=torch.Generator().manual_seed(th)).item()]
+
+    paths = train_shards(syn)
+    stream = train_stream(paths, transform=draws, seed=5, shuffle_buffer=7)
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    def np_state():
+        name, key, *rest = np.random.get_state()
+        return name, key.tobytes(), *rest
+
+    trainer = random.getstate(), np_state(), torch.get_rng_state()
+    got = []
+    for _ in range(TRAIN // 16 + 2):  # into the second epoch
+        got += next(stream)["images"].tolist()
+        assert random.getstate() == trainer[0] and np_state() == trainer[1]
+        assert torch.equal(torch.get_rng_state(), trainer[2])
+    seeds = [f"spt_dist/spt_dist/5/{i // TRAIN}/0/0/{i % TRAIN + 1}" for i in range(len(got))]
+    assert got == [expected(s) for s in seeds]
+    assert got[3] == IsolatedRng(seeds[3])(draws, None).tolist()
 
 
 @pytest.mark.parametrize("workers", [0, 2])

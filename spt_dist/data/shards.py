@@ -9,7 +9,7 @@ CLI:  python -m spt_dist.data.shards folder --src DIR --out DIR [--split train] 
       python -m spt_dist.data.shards list --root DIR --list FILE [--list FILE ...] --out DIR --split NAME ...
       python -m spt_dist.data.shards vtab --root VTAB_1K_DIR --out DIR [--tasks cifar100,dtd] [--protocol val]
       python -m spt_dist.data.shards fgvc --root FGVC_DIR --out DIR [--tasks cub,dogs] [--protocol val]
-      python -m spt_dist.data.shards synthetic --out DIR [--classes 10] ...
+      python -m spt_dist.data.shards synthetic --out DIR [--classes 10] [--size 32] [--format png|jpg] ...
       python -m spt_dist.data.shards digits --out DIR --digits 5-9 [--size 32]
   `list` reads split files (.txt, .csv, .json: see `list --help`); `vtab` and `fgvc` run it over the usual
   layouts of the benchmarks (VTAB-1k as NOAH/SPT ship it, FGVC as VPT does) into DIR/<task>/.
@@ -535,14 +535,22 @@ def synthetic_image(label: int, num_classes: int, size: int, rng: np.random.Gene
     return (np.clip(img, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
-def synthetic_samples(split: str, n: int, num_classes: int, size: int, seed: int) -> Iterator[Sample]:
+def synthetic_samples(split: str, n: int, num_classes: int, size: int, seed: int,
+                      fmt: str = "png") -> Iterator[Sample]:
+    """`fmt` "png" (lossless) or "jpg" (quality 90, like most photo data sets: what the loader benchmark reads)."""
+    if fmt not in IMAGE_EXTS:
+        raise UserError(f"--format: {fmt!r} is not one of {', '.join(IMAGE_EXTS)}")
     # Each split has its own RNG stream so e.g. changing --test leaves the train split unchanged.
     rng = np.random.default_rng([seed, *split.encode()])
     labels = rng.permutation(np.arange(n) % num_classes)  # balanced classes, shuffled order
     for i, label in enumerate(labels.tolist()):
         buf = io.BytesIO()
-        Image.fromarray(synthetic_image(label, num_classes, size, rng)).save(buf, format="PNG", compress_level=1)
-        yield f"{split}_{i:08d}", buf.getvalue(), "png", label
+        image = Image.fromarray(synthetic_image(label, num_classes, size, rng))
+        if fmt == "png":
+            image.save(buf, format="PNG", compress_level=1)
+        else:
+            image.save(buf, format="JPEG", quality=90)
+        yield f"{split}_{i:08d}", buf.getvalue(), fmt, label
 
 
 def _cmd_synthetic(args: argparse.Namespace) -> None:
@@ -551,7 +559,7 @@ def _cmd_synthetic(args: argparse.Namespace) -> None:
             raise UserError(f"{flag}: must be >= {low}, got {value}")
     for split, n in (("train", args.train), ("test", args.test)):
         if n > 0:
-            samples = synthetic_samples(split, n, args.classes, args.size, args.seed)
+            samples = synthetic_samples(split, n, args.classes, args.size, args.seed, args.format)
             names = write_split(samples, args.out, split, shard_sizes(n, args.samples_per_shard))
             _report(args.out, split, names)
     write_classes(args.out, [f"class_{c}" for c in range(args.classes)])
@@ -674,6 +682,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--train", type=int, default=2000)
     s.add_argument("--test", type=int, default=500)
     s.add_argument("--size", type=int, default=32)
+    s.add_argument("--format", choices=IMAGE_EXTS, default="png", help="image encoding: png (lossless) or jpg "
+                   "(quality 90)")
     s.add_argument("--samples-per-shard", type=int, default=250)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(run=_cmd_synthetic)
