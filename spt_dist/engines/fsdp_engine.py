@@ -34,12 +34,20 @@ class FSDPEngine(Engine):
         self._scheduler = spec.scheduler(self._optimizer)
         self._accum = spec.optim.grad_accum
         self._clip = spec.optim.grad_clip
+        # What clipping visits: the trainable parameters (FSDP2's sharded ones, which the optimizer steps and the
+        # reduced gradients land on), in module order, listed once instead of every step over the frozen ones too.
+        self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._micro_step = 0
+        self._sync: bool | None = None
         self._set_sync()
 
     def _set_sync(self) -> None:
-        # Reduce-scatter gradients only on the last micro-batch of an accumulation window.
-        self.module.set_requires_gradient_sync(self._micro_step % self._accum == self._accum - 1)
+        # Reduce-scatter gradients only on the last micro-batch of an accumulation window. Set only when it
+        # changes (setting it visits every module): with grad_accum 1, once.
+        sync = self._micro_step % self._accum == self._accum - 1
+        if sync != self._sync:
+            self.module.set_requires_gradient_sync(sync)
+            self._sync = sync
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self._accum).backward()
@@ -48,9 +56,8 @@ class FSDPEngine(Engine):
         boundary = self._micro_step % self._accum == self._accum - 1
         self._micro_step += 1
         if boundary:
-            if self._clip > 0:
-                params = [p for p in self.module.parameters() if p.grad is not None]
-                torch.nn.utils.clip_grad_norm_(params, self._clip)
+            if self._clip > 0:  # parameters without a gradient are skipped, as clip_grad_norm_ does itself
+                torch.nn.utils.clip_grad_norm_([p for p in self._trainable if p.grad is not None], self._clip)
             self._optimizer.step()
             self._scheduler.step()
             self._optimizer.zero_grad(set_to_none=True)
