@@ -130,6 +130,7 @@ class ThresholdSearch:
         self.edge_cost = costs.total(self.at_edge.T)  # [_BINS + 1], non-increasing
         self.max_step = costs.max_step()
         self._passes: list[_CandidatePass] = []
+        self._bins: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._histograms: dict[tuple[int, int], torch.Tensor] = {}
 
     def _chunk_keys(self):
@@ -160,6 +161,17 @@ class ThresholdSearch:
                 return found
         self._passes.append(self._candidate_pass(b, b))
         return self._passes[-1]
+
+    def _in_bin(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The candidates in level-1 bin b (key, global index, unit; index order), kept for the next cut there."""
+        if b not in self._bins:
+            cands = self._pass_for(b)
+            found = (cands.keys, cands.index, cands.unit)
+            if cands.lo < cands.hi:  # positions once, then gathers (three boolean-mask selections are slower)
+                where = torch.from_numpy(np.flatnonzero((cands.keys >> _SHIFT).numpy() == b))
+                found = tuple(x.index_select(0, where) for x in found)
+            self._bins[b] = found
+        return self._bins[b]
 
     def _candidate_pass(self, lo: int, hi: int) -> _CandidatePass:
         """This rank's entries in level-1 bins lo..hi as (key, global index, unit), int64, in index order.
@@ -220,11 +232,7 @@ class ThresholdSearch:
             return None
         # Level 1: the boundary bin b (every bin above it fits, taking it too does not).
         b = self._bin_of(limit)
-        cands = self._pass_for(b)
-        keys, index, unit = cands.keys, cands.index, cands.unit
-        if cands.lo < cands.hi:
-            in_bin = (keys >> _SHIFT) == b
-            keys, index, unit = keys[in_bin], index[in_bin], unit[in_bin]
+        keys, index, unit = self._in_bin(b)
         base, key = self.at_edge[:, b + 1], b
         # Levels 2 and 3: the same on the candidates, 10 key bits at a time, down to the exact key.
         for shift in (_SUB_BITS, 0):
@@ -277,8 +285,7 @@ class ThresholdSearch:
         """The unit of the first entry after the cut, over all ranks (collective). It lies in the bin searched
         last (taking that whole bin did not fit), whose candidates are cached."""
         best = torch.tensor([-1, -1, -1], dtype=torch.int64)  # (key, -index, unit): max wins
-        cands = self._pass_for(cut.key >> _SHIFT)
-        keys, index, unit = cands.keys, cands.index, cands.unit
+        keys, index, unit = self._in_bin(cut.key >> _SHIFT)
         after = (keys < cut.key) | ((keys == cut.key) & (index > cut.index))
         if after.any():
             top = keys[after].max()
