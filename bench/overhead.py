@@ -41,7 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from selection import run_worker  # bench/selection.py: this script's folder is first on sys.path
+
 PLAIN = "plain"
 
 
@@ -203,14 +204,7 @@ def measure(variant: str, opts: dict, info) -> dict:
 def run_variant(variant: str, work: Path) -> dict:
     # Only --worker and --work go through torch.distributed.run's command line (options it could mistake for
     # abbreviations of its own, like --nproc, stay out of it); the rest is in options.json.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", __file__,
-           "--worker", variant, "--work", str(work)]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    log = work / f"{variant}.log"
-    with open(log, "w") as out:
-        if subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT).returncode:
-            sys.exit(f"the {variant} job failed; its log, {log}, ends:\n" + log.read_text()[-3000:])
-    return json.loads((work / f"{variant}.json").read_text())
+    return run_worker(__file__, variant, 1, work, [])
 
 
 def _span(values: list[float], fmt: str) -> str:

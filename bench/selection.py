@@ -191,14 +191,20 @@ def run_part(part: str, args: argparse.Namespace, work: Path, options: list[str]
     if options is None:
         options = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--nproc")
                    and not (i and sys.argv[i] == "--nproc")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           __file__, "--worker", part, "--work", str(work), *options]
+    return run_worker(__file__, part, args.nproc, work, options)
+
+
+def run_worker(script: str, name: str, nproc: int, work: Path, options: list[str]) -> dict:
+    """`script --worker name --work work *options` as an `nproc`-rank torch.distributed.run job on this machine
+    (OMP_NUM_THREADS=1 unless set); returns the WORK/NAME.json its rank 0 wrote, or exits with its log's end."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           script, "--worker", name, "--work", str(work), *options]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    log = work / f"{part}.log"
+    log = work / f"{name}.log"
     with open(log, "w") as out:
         if subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT).returncode:
-            sys.exit(f"the {part} job failed; its log, {log}, ends:\n" + log.read_text()[-3000:])
-    return json.loads((work / f"{part}.json").read_text())
+            sys.exit(f"the {name} job failed; its log, {log}, ends:\n" + log.read_text()[-3000:])
+    return json.loads((work / f"{name}.json").read_text())
 
 
 def main() -> None:
