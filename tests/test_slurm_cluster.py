@@ -229,7 +229,10 @@ def test_time_limit_signals_requeue_the_job_and_the_result_equals_an_uninterrupt
     ranks save and the job requeues itself. The first two starts are let go LEAD s before a check, so each
     trains a few seconds of the run; later ones at once. At least two requeues; the final weights equal an
     uninterrupted job's, bit for bit."""
-    lead, steps = 20.0, 800  # 2 nodes x 1 rank: ~24 steps/s and ~10 s of start-up on 2 idle cores
+    # 2 nodes x 1 rank on 2 idle cores: ~8 s of start-up, then 70-100 steps/s. The first two starts train about
+    # lead - 8 s each (~1,000 steps here), so the run cannot end in them below ~160 steps/s; a slower machine
+    # requeues more often (each later start trains until the next check, at most 30 s).
+    lead, steps = 20.0, 4000
     args = ("--config", TINY, f"optim.max_steps={steps}", "output.eval_every=1000", "output.log_every=1000")
     reference = submit(cluster, tmp_path, (2, 1), *args, *tiny_overrides(synthetic_shards, tmp_path, "uninterrupted"),
                        sbatch_args=("--hold",))  # runs after the other, which it would slow down (more requeues)
