@@ -19,9 +19,27 @@ import torch.distributed as dist
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_get_local_fp32_param,
                              safe_get_local_grad, safe_get_local_optimizer_state, safe_set_full_fp32_param,
                              safe_set_full_optimizer_state)
+from deepspeed.runtime.zero.linear import LinearFunctionForZeroStage3
 from torch import nn
 
 from spt_dist.engines.base import ADAM_STATE, Engine, EngineSpec
+
+
+def _linear_as_torch_computes_it(input, weight, bias=None):  # noqa: A002 - DeepSpeed's argument names
+    """ZeRO-3's memory-efficient linear, forward: the arithmetic of torch's own F.linear (aten::linear), so that
+    ZeRO-3 gives the other engines' results bit for bit. DeepSpeed adds the bias after the matrix product of a
+    3-D input; torch fuses it (addmm over the flattened input), which rounds differently once biases are
+    non-zero (a pretrained checkpoint). DeepSpeed's backward already matches torch's."""
+    if bias is not None and (input.dim() == 2 or (input.is_contiguous() and bias.dim() == 1)):
+        out = torch.addmm(bias, input.reshape(-1, input.shape[-1]), weight.t())
+        return out.view(*input.shape[:-1], out.shape[-1])
+    output = input.matmul(weight.t())
+    if bias is not None:
+        output += bias
+    return output
+
+
+LinearFunctionForZeroStage3.forward = staticmethod(_linear_as_torch_computes_it)
 
 
 class DeepSpeedEngine(Engine):
