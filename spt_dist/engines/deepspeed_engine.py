@@ -39,7 +39,8 @@ def _linear_as_torch_computes_it(input, weight, bias=None):  # noqa: A002 - Deep
     return output
 
 
-LinearFunctionForZeroStage3.forward = staticmethod(_linear_as_torch_computes_it)
+if "setup_context" in vars(LinearFunctionForZeroStage3):  # the forward without ctx (DeepSpeed >= 0.16's form)
+    LinearFunctionForZeroStage3.forward = staticmethod(_linear_as_torch_computes_it)
 
 
 class DeepSpeedEngine(Engine):
