@@ -185,11 +185,21 @@ class CheckpointManager:
         return self.last
 
 
+_PRUNED = ".pruned_step_"
+
+
 def _prune(root: str, keep_last: int) -> None:
     if keep_last <= 0:
         return
+    # Out of the way first (one rename), then deleted: a prune killed half-way leaves no half-deleted step_N
+    # behind, only a .pruned_ directory, which the next prune deletes.
+    for name in os.listdir(root):
+        if name.startswith(_PRUNED):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     for step in complete_steps(root)[:-keep_last]:
-        shutil.rmtree(os.path.join(root, f"step_{step:08d}"), ignore_errors=True)
+        doomed = os.path.join(root, f"{_PRUNED}{step:08d}")
+        os.replace(os.path.join(root, f"step_{step:08d}"), doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- finding and reading

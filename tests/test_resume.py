@@ -92,7 +92,9 @@ def test_run_killed_at_a_random_step_resumes_to_the_same_weights_and_samples(uni
     proc.communicate()
     assert not (run_dir / "metrics.json").exists(), f"the run ended before the kill after step {kill_after}"
     steps = sorted(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*"))
-    assert kill_after in steps and len(steps) <= 2, steps  # keep_last=2
+    # keep_last=2; a kill just after step kill_after's checkpoint is in place may come before rank 0 prunes the
+    # oldest (a prune is one rename, so never half-way)
+    assert kill_after in steps and len(steps) <= 3, steps
     # A checkpoint a crash left half-written is skipped: without state.json it is not complete.
     (run_dir / "checkpoints" / "step_00000009").mkdir(exist_ok=True)
     (run_dir / "checkpoints" / "step_00000009" / "trainable.safetensors").write_bytes(b"half")

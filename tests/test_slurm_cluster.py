@@ -187,7 +187,7 @@ def test_scancel_leaves_a_checkpoint_that_a_new_job_resumes(cluster, synthetic_s
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info
     assert not (run_dir / "metrics.json").exists()
     assert "not requeued" in Path(info["StdOut"]).read_text()
-    saved = max(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").iterdir() if (p / "state.json").is_file())
+    saved = max(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*") if (p / "state.json").is_file())
     metrics = finished(wait_job(cluster, submit(cluster, tmp_path, (2, 1), *args)), run_dir)
     assert metrics["resumed_from_step"] == saved >= 20 and metrics["steps"] == 120
 
