@@ -128,7 +128,6 @@ class ThresholdSearch:
                             "(check the data and the model checkpoint)")
         self.at_edge = _taking_bins_from(hist)
         self.edge_cost = costs.total(self.at_edge.T)  # [_BINS + 1], non-increasing
-        self.max_step = costs.max_step()
         self._passes: list[_CandidatePass] = []
         self._bins: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._histograms: dict[tuple[int, int], torch.Tensor] = {}
@@ -299,7 +298,7 @@ class ThresholdSearch:
             # One candidate pass for both cuts that may be needed: the one at target and the one a step further,
             # which costs at most max_step more, when the bins between them are few.
             hi = self._bin_of(target)
-            lo = self._bin_of(min(target + self.max_step, int(self.edge_cost[0]) - 1))
+            lo = self._bin_of(min(target + self.costs.max_step(), int(self.edge_cost[0]) - 1))
             if self._population(lo, hi) > _SPREAD * self._population(hi, hi):
                 lo = hi
             self._passes.append(self._candidate_pass(lo, hi))
