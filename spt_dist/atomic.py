@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -74,6 +75,39 @@ def atomic_path(path: str) -> Iterator[str]:
             os.unlink(tmp)
 
 
+def require_directory(path: str, what: str) -> None:
+    """A user's mistake as one line naming `what`: `path`, or the nearest existing path above it, is not a
+    directory (os.makedirs would end in FileExistsError or NotADirectoryError)."""
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        shown = path if probe == os.path.abspath(path) else probe
+        raise UserError(f"{what}: '{shown}' is a file, not a directory")
+
+
+def make_dirs(path: str, what: str) -> None:
+    """os.makedirs(path, exist_ok=True), with a file in the way or any OSError as one line naming `what`."""
+    require_directory(path, what)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{what}: cannot create directory '{path}' ({e.strerror or e})") from None
+
+
+def make_temp_dir(parent: str, name: str, what: str) -> str:
+    """A new hidden directory `parent`/.`name`.tmp-XXXXXXXX (`parent` made if need be): output is built there
+    and renamed into place once complete, so a failed run leaves nothing half-written where readers look. It has
+    the mode an ordinary os.mkdir would give it (mkdtemp makes it 0700), as it may become the output itself."""
+    make_dirs(parent, what)
+    try:
+        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-")
+    except OSError as e:
+        raise UserError(f"{what}: cannot create a directory in '{parent}' ({e.strerror or e})") from None
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_file(path: str, mode: str = "wb") -> Iterator[IO]:
     with atomic_path(path) as tmp, open(tmp, mode) as f:
@@ -87,6 +121,21 @@ def write_text(path: str, text: str) -> None:
 
 def write_json(path: str, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def file_digest(path: str) -> str:
+    """The SHA-256 of a file's bytes, in hex (what checkpoints, artifacts and allocations record)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def json_digest(obj: Any) -> str:
+    """The SHA-256 of a JSON value, in hex: of its compact form with sorted keys, so the same value written with
+    any indentation (or read back) has the same digest."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def read_safetensors(path: str, what: str) -> dict:

@@ -20,6 +20,7 @@ import yaml
 
 from spt_dist.atomic import write_text
 from spt_dist.data.benchmarks import SUITES, find_task
+from spt_dist.data.shards import MAX_IMAGE_PIXELS, MAX_MEMBER_MB
 from spt_dist.errors import UserError
 from spt_dist.methods import get_method
 
@@ -58,7 +59,11 @@ class DataConfig:
     crop_pct: float = 1.0
     # Largest tar member read (MB): larger or sparse members (a crafted header may declare any size) are refused
     # unread and their samples counted as bad_image.
-    max_member_mb: float = 64.0
+    max_member_mb: float = MAX_MEMBER_MB
+    # Largest image decoded (pixels, from its header): a larger one is not decoded (a 144 Mpx image is ~0.4 GB as
+    # RGB, more while converting, in every loader worker) and its sample counts as bad_image. The default (25 Mpx,
+    # spt_dist/data/shards.py says why) is also what the shard tool packs at most.
+    max_image_pixels: int = MAX_IMAGE_PIXELS
     # The benchmark task (spt_dist/data/benchmarks.py: vtab/cifar100, ..., fgvc/cub, ...): its shards are read
     # from <root>/<suite>/<task>/ unless train_shards/eval_shards are given, GPS takes its K, and the report
     # puts the run in its column of the papers' results table. Free text for other data sets.
@@ -93,6 +98,8 @@ class DataConfig:
         _check(0.0 < self.crop_pct <= 1.0, "data.crop_pct", self.crop_pct, "must be in (0, 1]")
         _check(math.isfinite(self.max_member_mb) and self.max_member_mb > 0, "data.max_member_mb", self.max_member_mb,
                "must be a positive number of MB")
+        _check(self.max_image_pixels > 0, "data.max_image_pixels", self.max_image_pixels,
+               "must be a positive number of pixels")
 
 
 @dataclass

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from spt_dist.preemption import exit_now
 
 
 @dataclass(frozen=True)
@@ -127,11 +129,13 @@ def all_gather_float(value: float) -> list[float]:
     return out
 
 
-# --------------------------------------------------------------------------- a user error on some ranks only
+# --------------------------------------------------------------------------- an error on some ranks only
 
 _ERROR_KEY = "spt_dist/error/{}"
 _ERRORS_KEY = "spt_dist/errors"  # how many ranks have posted one: what the watchers poll (one request each)
+_SAID_KEY = "spt_dist/said"  # how many of those have printed theirs, or decided not to
 _SEEN_KEY = "spt_dist/seen/{}"  # a rank has read another's error and is going
+_SAY_WAIT_S = 5.0  # the longest a rank waits for another to say its error before this rank's exit ends the job
 
 
 def _default_store():
@@ -144,12 +148,15 @@ def _default_store():
 
 
 class ErrorExchange:
-    """How the ranks of a job end on a user error only some of them meet (a file only one rank reads or writes):
-    the rank that meets it posts it in the job's store and says it; the others, whichever collective they wait
-    in, see it posted (a watcher thread: one store request per rank every half second, less often on large jobs),
-    say nothing and exit too (status 2). When every rank meets the same mistake, rank 0 alone says it. Rank 0 may
-    host the store (deepspeed launcher, srun): after its own error it waits until the others have seen it before
-    it exits (`hand_over`). No-op on one rank."""
+    """How the ranks of a job end on an error only some of them meet (a user error in a file only one rank reads
+    or writes; an unexpected exception in one rank's step): the rank that meets it posts it in the job's store and
+    says it (`report`); the others, whichever collective they wait in, see it posted (a watcher thread: one store
+    request per rank every half second, less often on large jobs), let it be said, say nothing and exit too
+    (status 2) within about a second, rather than wait in a collective until its timeout. When every rank meets
+    the same error, rank 0 alone says it. A launcher ends the whole job as soon as one rank exits, so no rank
+    exits while a posted error is still unsaid (up to _SAY_WAIT_S). Rank 0 may host the store (deepspeed
+    launcher, srun): after its own error it waits until the others have seen it before it exits. No-op on one
+    rank."""
 
     def __init__(self, poll_s: float = 0.5) -> None:
         self.store, self.me, self.world = _default_store(), rank(), world_size()
@@ -162,17 +169,49 @@ class ErrorExchange:
         try:
             while not self.own:
                 if self.store.add(_ERRORS_KEY, 0) and not self.own:
+                    self._wait_said()
+                    if self.own:  # this rank met its own error meanwhile: the main thread reports it
+                        return
                     self.store.set(_SEEN_KEY.format(self.me), "1")
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(2)  # the rank that met the error says why; nothing here is worth saving
+                    exit_now(2)  # the rank that met the error says why; nothing here is worth saving
                 time.sleep(poll_s)
         except (RuntimeError, ValueError):  # the store went with its host (rank 0 ended): nothing to watch
             return
 
-    def should_say(self, message: str, wait_s: float = 2.0) -> bool:
-        """Posts this rank's error; whether this rank should print it: rank 0 always, another rank unless rank 0
-        posts the same message within `wait_s`."""
+    def _wait_said(self) -> None:
+        """Until every error posted so far has been said (or _SAY_WAIT_S: a rank that died before saying it)."""
+        deadline = time.monotonic() + _SAY_WAIT_S
+        while time.monotonic() < deadline and self.store.add(_SAID_KEY, 0) < self.store.add(_ERRORS_KEY, 0):
+            time.sleep(0.05)
+
+    def report(self, message: str, say: Callable[[], None]) -> None:
+        """Posts this rank's error `message` and calls `say()` (which prints it) unless another rank says the
+        same: rank 0 always says its own; another rank unless rank 0 posts the same message within 2 s."""
+        if self._should_say(message):
+            say()
+        if self.store is None:
+            return
+        try:
+            self.store.add(_SAID_KEY, 1)
+        except (RuntimeError, ValueError):
+            return
+        self._hand_over()
+
+    def another_said(self) -> bool:
+        """Whether another rank has posted an error (and said it, once it could): this rank's own failure then
+        follows from it (a collective that lost that rank) and is not worth saying."""
+        if self.store is None:
+            return False
+        try:
+            if not self.store.add(_ERRORS_KEY, 0):
+                return False
+            self._wait_said()
+            self.store.set(_SEEN_KEY.format(self.me), "1")
+            return True
+        except (RuntimeError, ValueError):
+            return False
+
+    def _should_say(self, message: str, wait_s: float = 2.0) -> bool:
         self.own = True
         if self.store is None:
             return self.me == 0
@@ -191,7 +230,7 @@ class ErrorExchange:
             pass
         return True
 
-    def hand_over(self, wait_s: float = 10.0) -> None:
+    def _hand_over(self, wait_s: float = 10.0) -> None:
         """Rank 0, after its own error: keep the store up until every other rank has seen it (or `wait_s`)."""
         if self.store is None or self.me != 0 or self.world == 1:
             return

@@ -11,19 +11,28 @@ start-up is kept too and ends the run at its first step boundary instead of kill
 
 A launcher can also vanish without a signal reaching the ranks: the single-node `deepspeed` command, killed,
 leaves its launch process orphaned and the ranks training on. A rank started by a launcher therefore also
-stops when its launcher (or the `deepspeed` command above DeepSpeed's launch process) is gone. Torch-free.
+stops when its launcher (or the `deepspeed` command above DeepSpeed's launch process) is gone: a watcher thread
+sees it within a second; the rank saves at its next step boundary, and one still there LAUNCHER_GRACE_S later
+(stuck in a collective, or on its way out after an error) ends itself, loader workers included.
+
+Once the entry point is on its way out after an unexpected error (`ending()`), a stop signal or the launcher's
+exit ends the process at once: nothing is left to save. Torch-free.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shlex
 import signal
+import sys
 import threading
 import time
+from typing import NoReturn
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 DUPLICATE_S = 3.0  # forwarded copies arrive within milliseconds; a deliberate second signal later
+LAUNCHER_GRACE_S = 120.0  # from the launcher's exit to the rank's: time for the save at the next step boundary
 _DEEPSPEED_LAUNCH = "deepspeed.launcher.launch"
 # The launchers whose exit ends their ranks' job (a rank another program started is not watched: a shell script
 # that starts ranks in the background may well end before they do).
@@ -72,14 +81,28 @@ class _LauncherWatch:
         return None
 
 
+def exit_now(code: int) -> NoReturn:
+    """Ends this process at once with status `code`: its loader workers first (they ignore stop signals and
+    would otherwise live on, orphaned, until their own check of their parent), then the process itself without
+    the interpreter's teardown, which can wait for ever on a worker or on a collective backend's thread."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for child in multiprocessing.active_children():
+        child.kill()
+    os._exit(code)
+
+
 class _Flag:
     def __init__(self) -> None:
         self.received: str | None = None
         self.signalled_at: float | None = None
         self.previous: dict = {}
         self.watch: _LauncherWatch | None = None
+        self.ending = False  # on the way out after an error: a stop signal or a lost launcher ends it now
 
     def handle(self, signum, frame) -> None:  # noqa: ARG002
+        if self.ending:
+            exit_now(128 + signum)
         if self.signalled_at is not None:
             if time.monotonic() - self.signalled_at < DUPLICATE_S:
                 return  # the same request, passed on by a launcher
@@ -95,6 +118,24 @@ class _Flag:
 _FLAG = _Flag()
 
 
+def _watch_launcher(watch: _LauncherWatch, poll_s: float = 1.0) -> None:
+    """The launcher watcher thread: sets the stop flag once the launcher is gone and ends the process if it
+    has not ended by itself LAUNCHER_GRACE_S later (at once when it is already on its way out)."""
+    while _FLAG.watch is watch:
+        gone = watch.gone()
+        if gone is None:
+            time.sleep(poll_s)
+            continue
+        _FLAG.received = _FLAG.received or gone
+        deadline = time.monotonic() + LAUNCHER_GRACE_S
+        while time.monotonic() < deadline and not _FLAG.ending and _FLAG.watch is watch:
+            time.sleep(poll_s)
+        if _FLAG.watch is watch:
+            print(f"spt_dist: rank {os.environ.get('RANK', '0')}: ending after {gone}", file=sys.stderr, flush=True)
+            exit_now(1)
+        return
+
+
 def install() -> None:
     """Catch the stop signals in this process from now on (idempotent; only the main thread may)."""
     if _FLAG.previous or threading.current_thread() is not threading.main_thread():
@@ -104,6 +145,14 @@ def install() -> None:
     # A launcher may have held them back until now (spt_dist.slurm's task shim): one that came is handled now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
     _FLAG.watch = _LauncherWatch()
+    if _FLAG.watch.watched:
+        threading.Thread(target=_watch_launcher, args=(_FLAG.watch,), daemon=True, name="spt_dist-launcher").start()
+
+
+def ending() -> None:
+    """The entry point is on its way out after an error: from now on a stop signal, or the launcher's exit,
+    ends the process at once (a wait for the peers on that way is bounded, but need not be waited out)."""
+    _FLAG.ending = True
 
 
 def uninstall() -> None:
@@ -111,6 +160,7 @@ def uninstall() -> None:
     for sig, handler in _FLAG.previous.items():
         signal.signal(sig, handler)
     _FLAG.previous, _FLAG.watch, _FLAG.received, _FLAG.signalled_at = {}, None, None, None
+    _FLAG.ending = False
 
 
 class Preemption:
@@ -135,6 +185,11 @@ class Preemption:
         if self._owner:
             uninstall()
             self._owner = False
+
+
+def received() -> str | None:
+    """What asked this process to stop (a signal's name, a lost launcher), or None."""
+    return _FLAG.received
 
 
 def resume_hint(run_dir: str) -> str:

@@ -24,7 +24,7 @@ from collections import defaultdict
 
 import yaml
 
-from spt_dist.atomic import atomic_path, write_text
+from spt_dist.atomic import atomic_path, make_dirs, write_text
 from spt_dist import runfiles
 from spt_dist.cli import command
 from spt_dist.data.benchmarks import SUITES, VTAB_GROUPS, find_task
@@ -313,7 +313,7 @@ def write_report(paths: list[str], out: str) -> dict[str, str]:
     """Writes every table and plot into `out`; returns {what: path}."""
     rows = [read_run(d) for d in find_runs(paths)] + pending_runs(paths)
     summary = summarize(rows)
-    os.makedirs(out, exist_ok=True)
+    make_dirs(out, "--out")  # onto a file: one line, not FileExistsError
     files = {}
     for stem, (csv_text, md_text) in (("runs", runs_tables(rows)), ("summary", summary_tables(summary))):
         for ext, text in (("csv", csv_text), ("md", md_text)):

@@ -10,6 +10,7 @@ import socket
 import sys
 import time
 
+from spt_dist.atomic import make_dirs
 from spt_dist.config import Config, save_config
 from spt_dist import runfiles
 from spt_dist.distributed import DistInfo, broadcast_object
@@ -36,7 +37,11 @@ def lock_run_dir(run_dir: str) -> None:
     same output.name, or a stage run alone beside a training run) fails with one line naming the holder."""
     if run_dir in _HELD:
         return
-    fd = os.open(os.path.join(run_dir, runfiles.LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    path = os.path.join(run_dir, runfiles.LOCK)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:  # a read-only file system, a directory of someone else's
+        raise UserError(f"output.dir: cannot write '{path}' ({e.strerror or e})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -89,7 +94,7 @@ def prepare_run_dir(cfg: Config, dist_info: DistInfo, stage: str, run_dir: str |
     error = None
     if dist_info.is_main:
         try:
-            os.makedirs(run_dir, exist_ok=True)
+            make_dirs(run_dir, "output.dir")
             lock_run_dir(run_dir)  # before anything in it is written
             if fresh:
                 _clear_for_new_training(run_dir, cfg.output.overwrite)
@@ -121,7 +126,7 @@ def open_run(cfg: Config, dist_info: DistInfo, stage: str, resume: str | None) -
         try:
             if resume == "latest":
                 run_dir = os.path.abspath(os.path.join(cfg.output.dir, cfg.output.name))
-                os.makedirs(run_dir, exist_ok=True)
+                make_dirs(run_dir, "output.dir")
             else:
                 path = os.path.abspath(resume)
                 run_dir = run_dir_of(path) if os.path.isfile(os.path.join(path, runfiles.STATE_JSON)) else path

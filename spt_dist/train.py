@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 import warnings
 
 from spt_dist import preemption
@@ -63,34 +64,51 @@ def main(argv: list[str] | None = None) -> int:
             print(f"spt_dist: {e}", flush=True)
         return 0
     except UserError as e:
-        if errors.should_say(str(e)) if errors else rank == 0:  # once, by the rank that met it (0 when all did)
-            print_user_error(e, rank=rank)
-        if errors:
-            errors.hand_over()
+        _report(errors, str(e), lambda e=e: print_user_error(e, rank=rank), alone=rank == 0)  # once (0's when all met it)
         shutdown_distributed(wait=False)
         return 2
-    except Exception as e:
-        # A collective fails when a peer has exited: if it left a user error behind, that rank has said it; if
-        # it died (killed, out of memory), its own output says how, and this rank says it lost it.
-        if errors is None or errors.of_another_rank() is None:
-            if not lost_peers(e):
-                raise
-            print_user_error(UserError(f"lost the other ranks ({' '.join(str(e).split())[:200]}): one of them "
-                                       "stopped or died; its output says why"), rank=rank)
-        shutdown_distributed(wait=False)
-        return 2
+    except Exception as e:  # no shutdown_distributed here: leaving the group can hang with a collective in flight
+        preemption.ending()  # from here a stop signal or the launcher's exit ends this rank at once
+        stop = preemption.received()
+        if stop:  # a start-up step (DeepSpeed's op build, the rendezvous) cut short by the stop signal
+            _report(errors, "stopped", lambda e=e: print(
+                f"spt_dist: stopped by {stop} ({_one_line(e)}) before it could save; run the same command again "
+                "(with --resume latest once the run has a checkpoint)", flush=True), alone=rank == 0)
+            return 0
+        if errors is not None and errors.another_said():
+            return 2  # a consequence of another rank's error (a collective that lost it): that rank has said why
+        if lost_peers(e):  # a peer died (killed, out of memory) without a word: its own output says how
+            print_user_error(UserError(f"lost the other ranks ({_one_line(e)}): one of them stopped or died; its "
+                                       "output says why"), rank=rank)
+            return 2
+        # Our own failure (a bug, or an environment we did not foresee): every other rank is told through the
+        # job's store and ends at once, rather than waiting in its next collective until the timeout.
+        _report(errors, _one_line(e), lambda e=e: print(
+            f"spt_dist: rank {rank}: unexpected error, every rank stops:\n"
+            f"{''.join(traceback.format_exception(e)).rstrip()}", file=sys.stderr, flush=True), alone=True)
+        return 1
     return 0
 
 
+def _report(errors, message: str, say, alone: bool) -> None:
+    """Has `message` said once in the job (ErrorExchange.report); before the process group exists (errors is
+    None), by this rank if `alone`."""
+    if errors is not None:
+        errors.report(message, say)
+    elif alone:
+        say()
+
+
+def _one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+
+
 def run() -> None:
-    """`main`, then exit without the interpreter's teardown. Everything is saved and the process group is gone;
-    a C++ thread of the collective backends that is still joinable when static objects are destroyed aborts
+    """`main`, then exit without the interpreter's teardown (preemption.exit_now). Everything is saved by then.
+    A C++ thread of the collective backends that is still joinable when static objects are destroyed aborts
     the process ("terminate called without an active exception", seen now and then with gloo), failing a
-    finished job."""
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    finished job; after an error, the teardown can wait for ever on a loader worker."""
+    preemption.exit_now(main())
 
 
 if __name__ == "__main__":

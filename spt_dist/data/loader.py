@@ -7,7 +7,8 @@ never from process state, so a run is reproducible for fixed (seed, rank, world,
 
 Faults: corrupt images, bad labels and unreadable/truncated tars are skipped and counted, never fatal. A tar
 member that is sparse or larger than `max_member_mb` is never read (a crafted one may declare any size): its
-sample counts as a bad_image.
+sample counts as a bad_image, and so does an image whose header declares more than `max_image_pixels` pixels
+(it is never decoded).
 A count is of distinct faults (a bad sample read again in a later epoch, or again after a resume, counts once),
 so it says what is wrong with the data set. Each worker sends the faults new since its last item with every
 item, so they reach the main process even from DataLoader worker processes.
@@ -40,7 +41,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from spt_dist.data.shards import CLASSES_FILE, read_json, read_sizes
+from spt_dist.data.shards import CLASSES_FILE, MAX_IMAGE_PIXELS, MAX_MEMBER_MB, open_image, read_json, read_sizes
 from spt_dist.errors import UserError
 from spt_dist.preemption import SIGNALS as STOP_SIGNALS
 
@@ -50,7 +51,6 @@ Transform = Callable[[Image.Image], torch.Tensor]
 FAULT_KINDS = ("bad_image", "bad_label", "label_out_of_range", "bad_tar")
 _IMAGE_EXTS = ("png", "jpg", "jpeg")
 _WARN_PER_KIND = 5  # log the first few faults of each kind per worker; the counts carry the rest
-MAX_MEMBER_MB = 64.0  # data.max_member_mb's default: larger tar members are refused unread
 _REFUSED = "__refused__"  # a raw sample whose member was refused unread: why (never a member: see read_tars)
 
 
@@ -74,7 +74,11 @@ def expand_shards(spec: str, key: str) -> list[str]:
     """Brace pattern, glob, or comma-separated list of either -> existing shard paths, in order."""
     paths: list[str] = []
     for part in _split_top_level_commas(spec or ""):
-        for pattern in braceexpand.braceexpand(os.path.expanduser(part)):
+        try:
+            patterns = list(braceexpand.braceexpand(os.path.expanduser(part)))
+        except braceexpand.UnbalancedBracesError:
+            raise UserError(f"{key}: unbalanced braces in '{part}'") from None
+        for pattern in patterns:
             if glob.has_magic(pattern):
                 matches = sorted(glob.glob(pattern))
                 if not matches:
@@ -209,7 +213,10 @@ def _where(sample: dict) -> str:
     return f"{sample['__url__']}:{sample['__key__']}"
 
 
-def decode_samples(samples: Iterator[dict], num_classes: int, faults: FaultCounter) -> Iterator[dict]:
+def decode_samples(samples: Iterator[dict], num_classes: int, faults: FaultCounter,
+                   max_image_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[dict]:
+    """Labelled RGB images; a sample whose image is missing, broken or over `max_image_pixels` (checked on its
+    header, before it is decoded) counts as a bad_image."""
     for s in samples:
         if _REFUSED in s:
             faults.add("bad_image", _where(s), s[_REFUSED])
@@ -226,7 +233,7 @@ def decode_samples(samples: Iterator[dict], num_classes: int, faults: FaultCount
         try:
             if data is None:
                 raise ValueError("no .png/.jpg member")
-            with Image.open(io.BytesIO(data)) as im:
+            with open_image(io.BytesIO(data), max_image_pixels, "data.max_image_pixels") as im:
                 img = im.convert("RGB")  # convert() forces the full decode, so corrupt data fails here
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
             faults.add("bad_image", _where(s), e)
@@ -379,11 +386,11 @@ def epoch_shards(shards: list[str], seed: int, epoch: int, rank: int, world: int
 
 class _TrainShards(IterableDataset):
     def __init__(self, shards, rank, world, batch_size, transform, num_classes, seed, shuffle_buffer, *,
-                 max_member_mb=MAX_MEMBER_MB):
+                 max_member_mb=MAX_MEMBER_MB, max_image_pixels=MAX_IMAGE_PIXELS):
         super().__init__()
         self.shards, self.rank, self.world, self.batch_size = shards, rank, world, batch_size
         self.transform, self.num_classes, self.seed, self.shuffle_buffer = transform, num_classes, seed, shuffle_buffer
-        self.max_member_mb = max_member_mb
+        self.max_member_mb, self.max_image_pixels = max_member_mb, max_image_pixels
         self.start: dict[int, tuple[int, int]] = {}  # worker -> (epoch, samples taken): where to begin
 
     def _samples(self, worker: int, workers: int, faults: FaultCounter, position: Position) -> Iterator[dict]:
@@ -402,7 +409,7 @@ class _TrainShards(IterableDataset):
             for _ in itertools.islice(raw, skip):
                 pass
             skip = 0
-            samples = decode_samples(raw, self.num_classes, faults)
+            samples = decode_samples(raw, self.num_classes, faults, self.max_image_pixels)
             for s in _transformed(samples, self.transform, seed):
                 found = True
                 yield s
@@ -431,10 +438,12 @@ class _TrainShards(IterableDataset):
 
 
 class _EvalShards(IterableDataset):
-    def __init__(self, shards, rank, world, batch_size, transform, num_classes, *, max_member_mb=MAX_MEMBER_MB):
+    def __init__(self, shards, rank, world, batch_size, transform, num_classes, *, max_member_mb=MAX_MEMBER_MB,
+                 max_image_pixels=MAX_IMAGE_PIXELS):
         super().__init__()
         self.shards, self.rank, self.world, self.batch_size = shards, rank, world, batch_size
         self.transform, self.num_classes, self.max_member_mb = transform, num_classes, max_member_mb
+        self.max_image_pixels = max_image_pixels
 
     def __iter__(self):
         worker, workers = _worker_slot()
@@ -443,7 +452,8 @@ class _EvalShards(IterableDataset):
         return iter(
             wds.DataPipeline(
                 lambda: read_tars(mine, faults, self.max_member_mb),
-                partial(decode_samples, num_classes=self.num_classes, faults=faults),
+                partial(decode_samples, num_classes=self.num_classes, faults=faults,
+                        max_image_pixels=self.max_image_pixels),
                 partial(_transformed, transform=self.transform, seed=None),
                 partial(_batches, batch_size=self.batch_size, partial_last=True, worker=worker, faults=faults),
             )
@@ -538,25 +548,33 @@ def require_shards(shards: list[str], world: int, workers: int) -> None:
                         f"need at least {need}")
 
 
+def _check_caps(max_member_mb: float, max_image_pixels: int) -> None:
+    if not max_member_mb > 0:
+        raise ValueError(f"max_member_mb {max_member_mb} must be > 0")
+    if not max_image_pixels > 0:
+        raise ValueError(f"max_image_pixels {max_image_pixels} must be > 0")
+
+
 class TrainStream:
     """Infinite iterator of full batches {"keys", "images" [B,3,H,W], "labels" [B]} for one rank.
 
     `state_dict()` / `load_state_dict()`: the exact position after the latest batch, for a resume with the same
     shards, rank, world and workers. `start_epoch`: begin at the start of that epoch instead (a resume on
     another world size, where positions cannot carry over because the shards are dealt out differently).
-    `max_member_mb`: larger (and sparse) tar members are refused unread, their samples counted as bad_image.
+    `max_member_mb`: larger (and sparse) tar members are refused unread, their samples counted as bad_image;
+    `max_image_pixels`: larger images are not decoded, their samples counted as bad_image.
     """
 
     def __init__(self, shards: list[str], *, rank: int, world: int, batch_size: int, transform: Transform,
                  num_classes: int, seed: int, workers: int, shuffle_buffer: int, pin_memory: bool = False,
-                 start_epoch: int = 0, max_member_mb: float = MAX_MEMBER_MB):
+                 start_epoch: int = 0, max_member_mb: float = MAX_MEMBER_MB,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS):
         require_shards(shards, world, workers)
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} not in [0, {world})")
-        if not max_member_mb > 0:
-            raise ValueError(f"max_member_mb {max_member_mb} must be > 0")
+        _check_caps(max_member_mb, max_image_pixels)
         self._dataset = _TrainShards(list(shards), rank, world, batch_size, transform, num_classes, seed,
-                                     shuffle_buffer, max_member_mb=max_member_mb)
+                                     shuffle_buffer, max_member_mb=max_member_mb, max_image_pixels=max_image_pixels)
         self._dataset.start = {w: (start_epoch, 0) for w in range(max(workers, 1))}
         self._loader = _loader(self._dataset, workers, pin_memory, persistent=False)
         self._workers, self._world = workers, world
@@ -608,13 +626,13 @@ class EvalStream:
     """
 
     def __init__(self, shards: list[str], *, rank: int, world: int, batch_size: int, transform: Transform,
-                 num_classes: int, workers: int = 0, pin_memory: bool = False, max_member_mb: float = MAX_MEMBER_MB):
+                 num_classes: int, workers: int = 0, pin_memory: bool = False, max_member_mb: float = MAX_MEMBER_MB,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} not in [0, {world})")
-        if not max_member_mb > 0:
-            raise ValueError(f"max_member_mb {max_member_mb} must be > 0")
+        _check_caps(max_member_mb, max_image_pixels)
         dataset = _EvalShards(list(shards), rank, world, batch_size, transform, num_classes,
-                              max_member_mb=max_member_mb)
+                              max_member_mb=max_member_mb, max_image_pixels=max_image_pixels)
         self._loader = _loader(dataset, workers, pin_memory, persistent=True)  # no worker start-up per pass
         self._workers = workers
         self._progress = _Progress()

@@ -14,6 +14,12 @@ CLI:  python -m spt_dist.data.shards folder --src DIR --out DIR [--split train] 
   `list` reads split files (.txt, .csv, .json: see `list --help`); `vtab` and `fgvc` run it over the usual
   layouts of the benchmarks (VTAB-1k as NOAH/SPT ship it, FGVC as VPT does) into DIR/<task>/.
 
+What `folder`, `list` and the presets pack: regular files inside the source tree (--src, --root; links are
+followed only within it, a class directory linking out of it is an error), of at most --max-file-mb and
+--max-image-pixels (from the header, nothing decoded), that PIL reads as images. Other files are skipped: named on
+stderr (the first few of each kind) and counted in the summary. A split appears whole or not at all: its shards,
+sizes.json and classes.json are written into a hidden directory (beside --out, or inside it) and moved in at the end.
+
 Deliberately torch-free (numpy + PIL only) so the CLI starts fast.
 """
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import contextlib
 import csv
 import io
 import itertools
@@ -29,15 +36,19 @@ import math
 import os
 import random
 import re
+import shutil
+import stat
 import sys
 import tarfile
+import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
-from spt_dist.atomic import atomic_file, write_json
+from spt_dist.atomic import atomic_file, make_temp_dir, require_directory, write_json
 from spt_dist.cli import command
 from spt_dist.data.benchmarks import SUITES, Task
 from spt_dist.errors import UserError
@@ -46,10 +57,48 @@ IMAGE_EXTS = ("png", "jpg")
 SIZES_FILE = "sizes.json"
 CLASSES_FILE = "classes.json"
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
-# Image files whose bytes are stored as they are (only the suffix is normalised); others are re-encoded as PNG.
+# The image files ImageFolder trees are read for.
 _KEPT_EXTS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
+# Image formats whose bytes are stored as they are, under the suffix of what they are (whatever the file's name);
+# others are re-encoded as PNG.
+_KEPT_FORMATS = {"PNG": "png", "JPEG": "jpg"}
+# The largest tar member the loader reads (data.max_member_mb's default): the shard tool skips larger image
+# files (--max-file-mb), which the loader would refuse unread anyway.
+MAX_MEMBER_MB = 64.0
+# The largest image, in pixels, the loader decodes (data.max_image_pixels's default) and the shard tool packs
+# (--max-image-pixels). The loader decodes a whole image before resizing it: 25 Mpx is 75 MB as 8-bit RGB (more
+# while converting from other modes) in every loader worker of every rank. That is above the ordinary photo of a
+# camera or phone (12-24 Mpx), and far above the benchmarks' images (VTAB, FGVC: about 0.1-1 Mpx), yet far
+# below PIL's own limit (~179 Mpx: 0.5 GB decoded, several times that while converting).
+MAX_IMAGE_PIXELS = 25_000_000
+_MAX_FILE_BYTES = int(MAX_MEMBER_MB * 2**20)
 
 Sample = tuple[str, bytes, str, int]  # (key, image bytes, "png"|"jpg", label)
+
+
+# --------------------------------------------------------------------------- reading images (shard tool and loader)
+
+
+class TooManyPixels(ValueError):
+    """An image whose header declares more pixels than the cap: refused before it is decoded."""
+
+
+def open_image(fp, max_pixels: int, cap: str) -> Image.Image:
+    """PIL's Image.open, which reads the header only (nothing is decoded yet), with the pixel cap checked on the
+    size the header declares; `cap` names the setting in the message. The shard tool checks what it packs with
+    it, and the loader what it decodes, so the two agree."""
+    with warnings.catch_warnings():
+        # PIL warns from ~89 Mpx and refuses from ~179 Mpx by itself: our cap, lower by default, decides.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(fp)
+        except Image.DecompressionBombError as e:
+            raise TooManyPixels(f"over PIL's own limit ({e})") from None
+    width, height = im.size
+    if width * height > max_pixels:
+        im.close()
+        raise TooManyPixels(f"{width}x{height} = {width * height} pixels, over {cap} ({max_pixels})")
+    return im
 
 
 # --------------------------------------------------------------------------- writing
@@ -151,41 +200,73 @@ def shard_sizes(total: int, samples_per_shard: int | None = None, num_shards: in
     return [samples_per_shard] * full + ([rest] if rest else [])
 
 
-def write_split(samples: Iterable[Sample], out_dir: str, split: str, sizes: list[int]) -> list[str]:
+def write_split(samples: Iterable[Sample], out_dir: str, split: str, sizes: list[int],
+                classes: list[str] | None = None) -> list[str]:
     """Write `samples` as out_dir/{split}-{i:06d}.tar shards of `sizes` samples each (see shard_sizes); update
-    sizes.json. Returns the shard file names.
+    sizes.json and, given `classes`, write classes.json. Returns the shard file names.
 
-    Streams: at most one shard of samples is held in memory. Shards of the same split left over from an
-    earlier, larger run are deleted so a glob over the directory never mixes two runs.
+    Streams: at most one shard of samples is held in memory. All or nothing: the shards are written into a
+    hidden directory (beside out_dir, or inside it if it exists) and moved in only once every one is complete,
+    so a run that fails (a bad image, a full disk, an interrupt) leaves out_dir as it was. Shards of the same
+    split left over from an earlier, larger run are deleted so a glob over the directory never mixes two runs.
     """
     if not _SPLIT_RE.match(split):
         raise UserError(f"--split: {split!r} must be letters, digits or '_'")
     if not sizes:
         raise UserError(f"split '{split}': no samples to write")
     ours = re.compile(rf"^{split}-\d{{6}}\.tar$")
+    require_directory(out_dir, "--out")
     read_sizes(out_dir, replacing=ours)  # a broken sizes.json stops the tool before it writes anything
-    os.makedirs(out_dir, exist_ok=True)
-    shard_sizes_written: dict[str, int] = {}
-    stream = iter(samples)
-    for i, size in enumerate(sizes):
-        shard = list(itertools.islice(stream, size))
-        if len(shard) != size:
-            raise ValueError(f"split '{split}': {len(shard)} samples left for shard {i} of {size}")
-        for sample in shard:
-            _check_sample(sample)
-        name = f"{split}-{i:06d}.tar"
-        _write_shard(os.path.join(out_dir, name), shard)
-        shard_sizes_written[name] = size
-    if next(stream, None) is not None:
-        raise ValueError(f"split '{split}': more samples than the {sum(sizes)} planned")
+    if os.path.isdir(out_dir):  # inside it: its parent need not be ours to write; the shards are moved in
+        stage = make_temp_dir(out_dir, split, "--out")
+    else:  # beside it: renamed into place whole
+        out_abs = os.path.abspath(out_dir)
+        stage = make_temp_dir(os.path.dirname(out_abs), os.path.basename(out_abs), "--out")
+    try:
+        written: dict[str, int] = {}
+        stream = iter(samples)
+        for i, size in enumerate(sizes):
+            shard = list(itertools.islice(stream, size))
+            if len(shard) != size:
+                raise ValueError(f"split '{split}': {len(shard)} samples left for shard {i} of {size}")
+            for sample in shard:
+                _check_sample(sample)
+            name = f"{split}-{i:06d}.tar"
+            _write_shard(os.path.join(stage, name), shard)
+            written[name] = size
+        if next(stream, None) is not None:
+            raise ValueError(f"split '{split}': more samples than the {sum(sizes)} planned")
+        _move_in(stage, out_dir, ours, written, classes)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # gone already where it became out_dir
+    return list(written)
 
-    for stale in sorted(n for n in os.listdir(out_dir) if ours.match(n) and n not in shard_sizes_written):
-        os.unlink(os.path.join(out_dir, stale))
-    sizes_path = os.path.join(out_dir, SIZES_FILE)
-    merged = read_sizes(out_dir, replacing=ours)  # read again: another split may have been written meanwhile
-    merged.update(shard_sizes_written)
-    write_json(sizes_path, dict(sorted(merged.items())))
-    return list(shard_sizes_written)
+
+def _move_in(stage: str, out_dir: str, ours: re.Pattern, written: dict[str, int], classes: list[str] | None) -> None:
+    """Put a split's complete shards (in `stage`, beside or inside out_dir) into out_dir, with its sizes.json
+    entries and classes.json."""
+    if not os.path.lexists(out_dir):
+        # A new directory: completed in the stage and renamed into place in one step.
+        write_json(os.path.join(stage, SIZES_FILE), dict(sorted(written.items())))
+        if classes is not None:
+            write_classes(stage, classes)
+        with contextlib.suppress(OSError):  # made meanwhile by another run (and not empty): merge into it below
+            os.rename(stage, out_dir)
+            return
+    # Into an existing directory, file by file (renames within one file system: once the shards are written,
+    # little is left that can fail).
+    merged = read_sizes(out_dir, replacing=ours)  # read now: another split may have been written meanwhile
+    try:
+        for name in written:
+            os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
+        for stale in sorted(n for n in os.listdir(out_dir) if ours.match(n) and n not in written):
+            os.unlink(os.path.join(out_dir, stale))
+    except OSError as e:
+        raise UserError(f"--out: cannot move the shards into '{out_dir}' ({e.strerror or e})") from None
+    merged.update(written)
+    write_json(os.path.join(out_dir, SIZES_FILE), dict(sorted(merged.items())))
+    if classes is not None:
+        write_classes(out_dir, classes)
 
 
 def write_classes(out_dir: str, names: list[str]) -> None:
@@ -201,37 +282,135 @@ class ImageFile(NamedTuple):
     where: str  # what an error about this image names: "--src", or the split list's "FILE:LINE" / "FILE: key 'K'"
 
 
-def _image_bytes(image: ImageFile) -> tuple[bytes, str]:
-    ext = _KEPT_EXTS.get(os.path.splitext(image.path)[1].lower())
+class ImageTree(NamedTuple):
+    """Where image files may come from, and how large they may be."""
+    root: str  # a real path: files (links followed) whose real path is not below it are skipped
+    name: str  # what messages call the input: "--src 'DIR'", the split lists
+    max_bytes: int = _MAX_FILE_BYTES
+    max_pixels: int = MAX_IMAGE_PIXELS
+
+
+# Why the shard tool leaves an image file out, as its summary counts them.
+SKIPPED = {"outside": "leaving the tree", "unreadable": "unreadable", "not_regular": "not a regular file",
+           "empty": "empty", "too_big": "over the size cap", "not_image": "not an image",
+           "too_many_pixels": "over the pixel cap"}
+_WARN_PER_KIND = 5  # files named on stderr per kind of skip; the summary counts the rest
+
+
+class _Skipped(Exception):
+    def __init__(self, kind: str, why: str) -> None:
+        super().__init__(why)
+        self.kind = kind
+
+
+def _inside(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
+
+
+@contextlib.contextmanager
+def _open_image_file(path: str, tree: ImageTree) -> Iterator[io.BufferedReader]:
+    """The file at `path`, open for reading, if it is a regular file of 1 to tree.max_bytes bytes inside the
+    tree (after links); else _Skipped. Links are followed, but one out of the tree (to /etc/passwd, /dev/zero)
+    would pack whatever it points at."""
+    real = os.path.realpath(path)
+    if not _inside(real, tree.root):
+        raise _Skipped("outside", f"a link out of the tree, to '{real}'")
     try:
-        if ext:
-            with open(image.path, "rb") as f:
-                return f.read(), ext
+        # O_NONBLOCK: opening a FIFO would wait for a writer. O_NOFOLLOW: `real` has no links left; one there now
+        # (or a loop, which realpath leaves unresolved) fails with ELOOP.
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise _Skipped("unreadable", f"cannot open it ({e.strerror or e})") from None
+    with open(fd, "rb") as f:
+        info = os.fstat(fd)  # of what was opened: nothing can swap it between this check and the reads
+        if not stat.S_ISREG(info.st_mode):
+            raise _Skipped("not_regular", "not a regular file (a device, FIFO, socket or directory)")
+        if info.st_size == 0:
+            raise _Skipped("empty", "an empty file")
+        if info.st_size > tree.max_bytes:
+            raise _Skipped("too_big", f"{info.st_size} bytes, over --max-file-mb ({tree.max_bytes / 2**20:g} MB)")
+        yield f
+
+
+def _image_kind(fp, tree: ImageTree, decode: bool) -> str | None:
+    """"png" or "jpg": an image of that format, stored as it is; None: another format, to re-encode (`decode`:
+    decoded now, so that a broken one is skipped here rather than failing the run while its shard is written).
+    Otherwise _Skipped. A cheap check: PNG and JPEG files are not decoded, only their headers read."""
+    try:
+        with open_image(fp, tree.max_pixels, "--max-image-pixels") as im:
+            kind = _KEPT_FORMATS.get(im.format)
+            if kind is None and decode:
+                im.load()
+            return kind
+    except TooManyPixels as e:
+        raise _Skipped("too_many_pixels", str(e)) from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, struct.error...) on junk
+        raise _Skipped("not_image", f"not an image PIL can read ({e})") from None
+
+
+def check_images(files: Iterable[ImageFile], tree: ImageTree) -> tuple[list[ImageFile], Counter]:
+    """The files the shard tool packs, and the number it skips per kind (SKIPPED), each checked as it will be
+    read (_open_image_file, _image_kind); the first few skipped of each kind are named on stderr."""
+    kept: list[ImageFile] = []
+    skipped: Counter = Counter()
+    for image in files:
+        try:
+            with _open_image_file(image.path, tree) as f:
+                _image_kind(f, tree, decode=True)
+        except _Skipped as e:
+            skipped[e.kind] += 1
+            if skipped[e.kind] <= _WARN_PER_KIND:
+                print(f"spt-shards: warning: {image.where}: skipping '{image.path}': {e}", file=sys.stderr)
+            continue
+        kept.append(image)
+    return kept, skipped
+
+
+def skipped_text(skipped: Counter) -> str:
+    return ", ".join(f"{skipped[kind]} {what}" for kind, what in SKIPPED.items() if skipped[kind])
+
+
+def _image_bytes(image: ImageFile, tree: ImageTree) -> tuple[bytes, str]:
+    try:
+        with _open_image_file(image.path, tree) as f:
+            data = f.read(tree.max_bytes + 1)
+        if len(data) > tree.max_bytes:
+            raise _Skipped("too_big", f"over --max-file-mb ({tree.max_bytes / 2**20:g} MB)")
+        kind = _image_kind(io.BytesIO(data), tree, decode=False)  # again: these are the bytes that are packed
+        if kind:
+            return data, kind
         # PNG is lossless, and the loader decodes every image to RGB anyway.
-        with Image.open(image.path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             buf = io.BytesIO()
             im.convert("RGB").save(buf, format="PNG")
             return buf.getvalue(), "png"
-    except OSError as e:
-        raise UserError(f"{image.where}: cannot read image '{image.path}' ({e})") from None
+    except (_Skipped, OSError, ValueError, SyntaxError) as e:  # the last three: PIL's, re-encoding
+        # It passed check_images: it changed since. The split is planned without it, so the run stops (and,
+        # writing into a stage, leaves nothing behind).
+        raise UserError(f"{image.where}: '{image.path}' changed while being packed ({e}); run again") from None
 
 
 class ImageSamples:
-    """The samples of image files in a seed-shuffled order, read lazily; their number is known before any image
-    is read, so the shard sizes can be planned (--num-shards)."""
+    """The samples of image files in a seed-shuffled order, read lazily; the files are checked first
+    (check_images: those the shard tool will not pack are skipped and counted in `skipped`), so their number is
+    known before any is packed and the shard sizes can be planned (--num-shards)."""
 
-    def __init__(self, files: Iterable[ImageFile], split: str, seed: int) -> None:
-        self.files = list(files)
+    def __init__(self, files: Iterable[ImageFile], split: str, seed: int, tree: ImageTree) -> None:
+        files = list(files)
+        self.files, self.skipped = check_images(files, tree)
+        if not self.files:
+            raise UserError(f"{tree.name}: no image to pack; skipped all {len(files)} files "
+                            f"({skipped_text(self.skipped)})")
         # Shuffle before sharding so every shard mixes classes (shard-level shuffling at train time relies on it).
         random.Random(seed).shuffle(self.files)
-        self.split = split
+        self.split, self.tree = split, tree
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __iter__(self) -> Iterator[Sample]:
         for i, image in enumerate(self.files):
-            yield f"{self.split}_{i:08d}", *_image_bytes(image), image.label
+            yield f"{self.split}_{i:08d}", *_image_bytes(image, self.tree), image.label
 
 
 def write_image_split(out: str, split: str, classes: list[str], samples: ImageSamples, sizes: list[int],
@@ -243,33 +422,45 @@ def write_image_split(out: str, split: str, classes: list[str], samples: ImageSa
     if existing is not None and existing != classes and other_splits:
         raise UserError(f"{source}: classes differ from {os.path.join(out, CLASSES_FILE)} "
                         f"(used by {other_splits[0]}); write to a fresh --out")
-    names = write_split(samples, out, split, sizes)
-    write_classes(out, classes)
+    names = write_split(samples, out, split, sizes, classes)
     _report(out, split, names)
+    if samples.skipped:
+        print(f"{split}: skipped {sum(samples.skipped.values())} of {len(samples) + sum(samples.skipped.values())} "
+              f"files: {skipped_text(samples.skipped)}")
 
 
 # --------------------------------------------------------------------------- ImageFolder
 
 
-def folder_samples(src: str, split: str, seed: int) -> tuple[list[str], ImageSamples]:
-    """Classes (sorted sub-directory names) and the seed-shuffled samples of an ImageFolder tree."""
+def folder_samples(src: str, split: str, seed: int, max_bytes: int = _MAX_FILE_BYTES,
+                   max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[list[str], ImageSamples]:
+    """Classes (sorted sub-directory names) and the seed-shuffled samples of an ImageFolder tree: regular image
+    files inside it (links followed only within it), of at most `max_bytes` bytes and `max_pixels` pixels."""
     if not os.path.isdir(src):
         raise UserError(f"--src: no such directory '{src}'")
+    root = os.path.realpath(src)
     classes = sorted(d.name for d in os.scandir(src) if d.is_dir() and not d.name.startswith("."))
+    for name in classes:
+        real = os.path.realpath(os.path.join(src, name))
+        if not _inside(real, root):
+            # Refused rather than skipped: leaving out a class would shift the labels of every class after it.
+            raise UserError(f"--src: class directory '{name}' is a link to '{real}', outside '{src}'; copy it in "
+                            "or remove the link")
     files: list[ImageFile] = []
     for label, name in enumerate(classes):
-        for root, dirs, fnames in os.walk(os.path.join(src, name)):
+        # Links to directories below a class are not followed (os.walk's default): no loops, no second copies.
+        for root_dir, dirs, fnames in os.walk(os.path.join(src, name)):
             dirs.sort()  # os.walk order is file-system dependent; sorting makes the seeded shuffle reproducible
             for fname in sorted(fnames):
                 if os.path.splitext(fname)[1].lower() in _KEPT_EXTS and not fname.startswith("."):
-                    files.append(ImageFile(os.path.join(root, fname), label, "--src"))
+                    files.append(ImageFile(os.path.join(root_dir, fname), label, "--src"))
     if not files:
         raise UserError(f"--src: no .jpg/.jpeg/.png images in class sub-directories of '{src}'")
-    return classes, ImageSamples(files, split, seed)
+    return classes, ImageSamples(files, split, seed, ImageTree(root, f"--src '{src}'", max_bytes, max_pixels))
 
 
 def _cmd_folder(args: argparse.Namespace) -> None:
-    classes, samples = folder_samples(args.src, args.split, args.seed)
+    classes, samples = folder_samples(args.src, args.split, args.seed, *_limits(args))
     sizes = shard_sizes(len(samples), args.samples_per_shard, args.num_shards)
     write_image_split(args.out, args.split, classes, samples, sizes, f"--src '{args.src}'")
 
@@ -428,7 +619,7 @@ def _labels(rows: list[ListedImage], classes: int | None, class_names: list[str]
 def list_files(root: str, lists: list[str], *, classes: int | None = None, class_names: list[str] | None = None,
                path_column: str | None = None, label_column: str | None = None) -> tuple[list[str], list[ImageFile]]:
     """Class names and the image files of split lists, concatenated in order. Checks every image exists before
-    any is read, so a bad list fails before a shard is written."""
+    any is read, so a bad list fails before a shard is written (what is there is checked by ImageSamples)."""
     rows = [row for path in lists for row in read_list(path, path_column, label_column)]
     if not rows:
         raise UserError(f"{', '.join(lists)}: no images listed")
@@ -437,7 +628,7 @@ def list_files(root: str, lists: list[str], *, classes: int | None = None, class
     first_listed: dict[str, str] = {}
     for row, label in zip(rows, labels):
         path = os.path.normpath(os.path.join(root, row.path))
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise UserError(f"{row.where}: image not found: '{path}'")
         if path in first_listed:  # e.g. train800val200.txt given together with val200.txt
             raise UserError(f"{row.where}: '{row.path}' is listed twice (first at {first_listed[path]})")
@@ -452,8 +643,9 @@ def _cmd_list(args: argparse.Namespace) -> None:
     class_names = read_class_names(args.class_names) if args.class_names else None
     names, files = list_files(args.root, args.list, classes=args.classes, class_names=class_names,
                               path_column=args.path_column, label_column=args.label_column)
-    sizes = shard_sizes(len(files), args.samples_per_shard, args.num_shards)
-    samples = ImageSamples(files, args.split, args.seed)
+    samples = ImageSamples(files, args.split, args.seed, ImageTree(os.path.realpath(args.root),
+                                                                   ", ".join(args.list), *_limits(args)))
+    sizes = shard_sizes(len(samples), args.samples_per_shard, args.num_shards)
     write_image_split(args.out, args.split, names, samples, sizes, ", ".join(args.list))
 
 
@@ -504,12 +696,15 @@ def _cmd_preset(args: argparse.Namespace) -> None:
                             "(--skip-missing skips it)")
         for split, list_names in PRESET_SPLITS[args.suite, args.protocol]:
             lists = [os.path.join(task_dir, name) for name in list_names]
-            names, files = list_files(os.path.join(task_dir, task.image_dir), lists, classes=task.classes)
+            image_root = os.path.join(task_dir, task.image_dir)
+            names, files = list_files(image_root, lists, classes=task.classes)
+            samples = ImageSamples(files, split, args.seed,
+                                   ImageTree(os.path.realpath(image_root), ", ".join(lists), *_limits(args)))
             try:
-                sizes = _preset_shard_sizes(split, len(files), args.num_shards)
+                sizes = _preset_shard_sizes(split, len(samples), args.num_shards)
             except UserError as e:
                 raise UserError(f"{task.name} {split}: {e}") from None
-            planned.append((task, split, names, ImageSamples(files, split, args.seed), sizes, ", ".join(lists)))
+            planned.append((task, split, names, samples, sizes, ", ".join(lists)))
     if not planned:  # everything skipped: most likely the wrong --root
         raise UserError(f"--root: none of the tasks' folders is in '{args.root}'")
     for task, split, names, samples, sizes, source in planned:
@@ -560,9 +755,9 @@ def _cmd_synthetic(args: argparse.Namespace) -> None:
     for split, n in (("train", args.train), ("test", args.test)):
         if n > 0:
             samples = synthetic_samples(split, n, args.classes, args.size, args.seed, args.format)
-            names = write_split(samples, args.out, split, shard_sizes(n, args.samples_per_shard))
+            names = write_split(samples, args.out, split, shard_sizes(n, args.samples_per_shard),
+                                [f"class_{c}" for c in range(args.classes)])
             _report(args.out, split, names)
-    write_classes(args.out, [f"class_{c}" for c in range(args.classes)])
 
 
 # --------------------------------------------------------------------------- digits (scikit-learn's, bundled)
@@ -612,9 +807,9 @@ def _cmd_digits(args: argparse.Namespace) -> None:
     if not 0.0 < args.test_fraction < 1.0:
         raise UserError(f"--test-fraction: must be in (0, 1), got {args.test_fraction}")
     for split, samples in digits_samples(digits, args.size, args.test_fraction, args.seed).items():
-        names = write_split(samples, args.out, split, shard_sizes(len(samples), num_shards=args.num_shards))
+        names = write_split(samples, args.out, split, shard_sizes(len(samples), num_shards=args.num_shards),
+                            [f"digit_{d}" for d in digits])
         _report(args.out, split, names)
-    write_classes(args.out, [f"digit_{d}" for d in digits])
 
 
 # --------------------------------------------------------------------------- CLI
@@ -624,6 +819,23 @@ def _report(out: str, split: str, names: list[str]) -> None:
     sizes = read_sizes(out)
     total = sum(sizes[n] for n in names)
     print(f"{split}: {total} samples in {len(names)} shards {out}/{split}-{{000000..{len(names) - 1:06d}}}.tar")
+
+
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-file-mb", type=float, default=MAX_MEMBER_MB,
+                   help="skip larger image files (default: data.max_member_mb's, which the loader reads at most)")
+    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help="skip images of more pixels, from their headers (default: data.max_image_pixels's, which "
+                   "the loader decodes at most)")
+
+
+def _limits(args: argparse.Namespace) -> tuple[int, int]:
+    """(largest file in bytes, largest image in pixels) of --max-file-mb and --max-image-pixels."""
+    if not (math.isfinite(args.max_file_mb) and args.max_file_mb > 0):
+        raise UserError(f"--max-file-mb: must be a positive number of MB, got {args.max_file_mb}")
+    if args.max_image_pixels < 1:
+        raise UserError(f"--max-image-pixels: must be >= 1, got {args.max_image_pixels}")
+    return int(args.max_file_mb * 2**20), args.max_image_pixels
 
 
 def _add_sharding(p: argparse.ArgumentParser) -> None:
@@ -648,6 +860,7 @@ def _add_preset(sub, suite: str, layout: str) -> None:
                    f"{EVAL_SAMPLES_PER_SHARD} samples per shard); 64 is enough for 32 ranks x 2 loader workers")
     p.add_argument("--seed", type=int, default=0, help="of the shuffle before sharding")
     p.add_argument("--skip-missing", action="store_true", help="skip tasks whose folder is missing")
+    _add_limits(p)
     p.set_defaults(run=_cmd_preset, suite=suite)
 
 
@@ -659,6 +872,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True)
     f.add_argument("--split", default="train")
     _add_sharding(f)
+    _add_limits(f)
     f.set_defaults(run=_cmd_folder)
     ls = sub.add_parser("list", help="shard the images of split list files (.txt, .csv, .json)",
                         description=read_list.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -673,6 +887,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_sharding(ls)
     ls.add_argument("--path-column", help="CSV/JSON: the image path column")
     ls.add_argument("--label-column", help="CSV/JSON: the label column")
+    _add_limits(ls)
     ls.set_defaults(run=_cmd_list)
     _add_preset(sub, "vtab", "VTAB-1k as NOAH/SPT ship it: <task>/{train800val200,train800,val200,test}.txt")
     _add_preset(sub, "fgvc", "VPT's FGVC layout: <task>/{train,val,test}.json")
@@ -701,6 +916,7 @@ def _parser() -> argparse.ArgumentParser:
 @command
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    require_directory(args.out, "--out")  # before anything is read: --out onto a file is a one-line mistake
     args.run(args)
 
 

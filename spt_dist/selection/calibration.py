@@ -19,13 +19,15 @@ import torch
 import webdataset as wds
 
 from spt_dist.data.loader import FaultCounter, IsolatedRng, decode_samples, read_tars, seed_string
+from spt_dist.data.shards import MAX_IMAGE_PIXELS, MAX_MEMBER_MB
 from spt_dist.errors import UserError
 
 
 class CalibrationBatches:
     def __init__(self, shards: list[str], *, rank: int, world: int, batch_size: int, micro_batch_size: int,
                  batches: int, transform: Callable, views: int, augment_seed: int | None, shuffle_seed: int | None,
-                 shuffle_buffer: int, num_classes: int, max_member_mb: float = 64.0) -> None:
+                 shuffle_buffer: int, num_classes: int, max_member_mb: float = MAX_MEMBER_MB,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
         if batch_size % (world * micro_batch_size):
             raise UserError(f"selection.batch_size: {batch_size} is not a multiple of {world} ranks x "
                             f"selection.micro_batch_size {micro_batch_size}")
@@ -34,7 +36,7 @@ class CalibrationBatches:
         self.accumulation = batch_size // (world * micro_batch_size)
         self.transform, self.views, self.augment_seed = transform, views, augment_seed
         self.shuffle_seed, self.shuffle_buffer, self.num_classes = shuffle_seed, shuffle_buffer, num_classes
-        self.faults, self.max_member_mb = FaultCounter(), max_member_mb
+        self.faults, self.max_member_mb, self.max_image_pixels = FaultCounter(), max_member_mb, max_image_pixels
 
     def _samples(self) -> Iterator[dict]:
         shards = list(self.shards)
@@ -44,7 +46,7 @@ class CalibrationBatches:
         if self.shuffle_seed is not None:
             raw = wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer),
                               rng=random.Random(seed_string("calibration-buffer", self.shuffle_seed)))(raw)
-        return decode_samples(raw, self.num_classes, self.faults)
+        return decode_samples(raw, self.num_classes, self.faults, self.max_image_pixels)
 
     def _views(self, image, position: int) -> list[torch.Tensor]:
         if self.augment_seed is None:

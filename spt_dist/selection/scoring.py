@@ -145,7 +145,8 @@ def prepare_score_pass(cfg: Config, data: Dataset, dist_info: DistInfo) -> Score
         data.train_shards, rank=rank, world=world, batch_size=sel.batch_size, micro_batch_size=micro,
         batches=batches, transform=transform, views=views, augment_seed=cfg.seed if sel.augmented else None,
         shuffle_seed=cfg.seed if sel.shuffled else None, shuffle_buffer=cfg.data.shuffle_buffer,
-        num_classes=data.num_classes, max_member_mb=cfg.data.max_member_mb)
+        num_classes=data.num_classes, max_member_mb=cfg.data.max_member_mb,
+        max_image_pixels=cfg.data.max_image_pixels)
 
     engine = build_score_engine(model, cfg.engine, cfg.optim, micro, stream.accumulation, dist_info.device)
     return ScoreSetup(engine, layout, stream, score_loss_fn(sel, views, world), batches)
@@ -197,7 +198,8 @@ def run_score_pass(cfg: Config, data: Dataset, dist_info: DistInfo, say=print, r
                 "model": dataclasses.asdict(cfg.model), "num_classes": data.num_classes,
                 "shards": [os.path.abspath(s) for s in data.train_shards], "shuffle": sel.shuffled,
                 "augment": sel.augmented, "shuffle_buffer": cfg.data.shuffle_buffer, "crop_pct": cfg.data.crop_pct,
-                "max_member_mb": cfg.data.max_member_mb, "weights": _file_identity(cfg.model.checkpoint),
+                "max_member_mb": cfg.data.max_member_mb,
+                "max_image_pixels": cfg.data.max_image_pixels, "weights": _file_identity(cfg.model.checkpoint),
                 "batches": batches, "batch_size": sel.batch_size, "micro_batch_size": stream.micro_batch_size,
                 "seed": cfg.seed, "engine": cfg.engine.kind, "zero_stage": cfg.engine.zero_stage}
     if resume and run_dir:
