@@ -5,16 +5,17 @@
       optimizer.safetensors    AdamW's '<parameter>/exp_avg' and '<parameter>/exp_avg_sq', full fp32
       shard_00000.safetensors  (sharded format, instead of the two above) per rank: its own flat shard of each
                                trainable parameter and of its AdamW state, with where the shard lies
-      state.json               step, optimizer step count, schedule, world size, the run's config, and the
-                               SHA-256 of every other file: written last
+      state.json               step, optimizer step count, schedule, world size, the run's config, the
+                               SHA-256 of every other file, and its own (record_sha256): written last
       rank_00000.safetensors   per rank: its RNG states and its data stream's position (metadata, JSON)
       allocation.json, allocation.safetensors    the allocation being trained (PEFT methods), never recomputed
 
 Every rank writes into `checkpoints/.partial-step_N/`; once all have written, rank 0 renames it to `step_N/`.
 So a directory named step_N is complete, and a run killed while saving leaves only a .partial directory,
-which `--resume` ignores (and the next save replaces). Older complete checkpoints beyond `keep_last` are
-removed after the rename, never before. A complete checkpoint whose files do not match their checksums
-(a flipped byte, a truncated copy) is skipped by `--resume` with a warning, for the one before it.
+which `--resume` ignores (and the next save removes); a save that fails (a full disk) removes it. Older
+complete checkpoints beyond `keep_last` are removed after the rename, never before. A complete checkpoint that
+fails its checks (Checkpoint.problem: a file that does not match its checksum, a record edited or damaged, a file
+its format needs not listed) is skipped by `--resume` with a warning, for the one before it.
 
 The sharded format keeps a full fine-tuning run at ViT-g from gathering every fp32 tensor and its AdamW state on
 every rank (about 12 GB each): each rank writes what it holds. Loading assembles full tensors from all shards,
@@ -31,19 +32,23 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 
 from spt_dist import runfiles
-from spt_dist.atomic import read_safetensors, write_json, write_safetensors
-from spt_dist.distributed import gather_to_main
+from spt_dist.atomic import (
+    atomic_file, file_digest, json_digest, make_dirs, read_safetensors, write_json, write_safetensors,
+)
+from spt_dist.config import get_dotted
 from spt_dist.data.shards import read_json
+from spt_dist.distributed import broadcast_object, gather_to_main
 from spt_dist.engines.base import ADAM_STATE, Engine
 from spt_dist.errors import UserError
+from spt_dist.methods import get_method
 
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.safetensors"
@@ -51,6 +56,8 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _SHARD_ABOVE_BYTES = 1 << 30  # output.checkpoint_format=auto
 # What state.json must hold for a resume to use it.
 _STATE_KEYS = ("step", "optimizer_steps", "world_size", "samples_seen", "scheduler", "config")
+FORMATS = ("consolidated", "sharded")
+RECORD_DIGEST = "record_sha256"  # state.json's digest of its own content (record_digest)
 
 
 def rank_file(rank: int) -> str:
@@ -88,12 +95,14 @@ def restore_rng(tensors: dict[str, torch.Tensor], states: dict) -> None:
 # --------------------------------------------------------------------------- saving
 
 
-def file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def record_digest(state: dict) -> str:
+    """SHA-256 of state.json's content (atomic.json_digest), less the digest itself and `files`.
+
+    Kept inside state.json rather than beside it: the record stays one file, written and renamed in one step.
+    `files` is left out: each of its entries is checked against its file, and the table against the names the
+    format needs, so a change to it shows there already; and a record without one is read as a checkpoint from
+    before checksums (which lists nothing to check)."""
+    return json_digest({key: value for key, value in state.items() if key not in (RECORD_DIGEST, "files")})
 
 
 def _write(directory: str, name: str, tensors: dict, metadata: dict | None = None) -> dict[str, str]:
@@ -115,46 +124,83 @@ def save_checkpoint(run_dir: str, step: int, *, engine: Engine, state: dict, ran
     """Collective. `state`: JSON for state.json (rank 0's is written); `rank_state`: this rank's JSON (data
     position...), saved with its RNG states; `files`: more files by name (the allocation); `sharded`: each rank
     writes its own shards of the trainable state instead of rank 0 writing it whole. Returns the checkpoint
-    directory."""
+    directory. A save whose files fail on any rank (a full disk: a UserError from spt_dist.atomic) raises on
+    every rank, the same line, once rank 0 has removed the partial directory; a rank's own bug raises as itself."""
     root = os.path.join(run_dir, runfiles.CHECKPOINTS)
     final = os.path.join(root, f"step_{step:08d}")
-    partial = os.path.join(root, f".partial-step_{step:08d}")
+    partial = os.path.join(root, f"{_PARTIAL}{step:08d}")
+    not_saved = f"the checkpoint of step {step} was not saved"
+    failed = None
     if rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)  # a save killed half-way at this step before
-        os.makedirs(partial)
-    dist.barrier()
+        # What saves killed half-way (or failed inside a collective, where the ranks cannot agree) left behind:
+        # this job holds the run directory's lock, so no other is writing there.
+        for name in os.listdir(root) if os.path.isdir(root) else ():
+            if name.startswith(_PARTIAL):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        try:
+            make_dirs(partial, "checkpoint")
+        except UserError as e:
+            failed = f"{e}; {not_saved}"
+    failed = broadcast_object(failed)  # collective: no rank writes before the directory is there
+    if failed:
+        raise UserError(failed)
 
     written: dict[str, str] = {}  # file name -> SHA-256, of what this rank wrote
-    if sharded:
-        shards, layout, optimizer_steps = engine.local_state()
-        written.update(_write(partial, shard_file(rank), shards, {"layout": json.dumps(layout)}))
-    else:
-        params = engine.full_state_dict(trainable_only=True)  # collective
-        optimizer, optimizer_steps = engine.optimizer_state()  # collective
-        if rank == 0:
+    optimizer_steps, own = 0, None
+    if not sharded:  # collectives, outside the `try` below: a rank that failed in one must not go on to the next
+        params = engine.full_state_dict(trainable_only=True)
+        optimizer, optimizer_steps = engine.optimizer_state()
+    try:  # this rank's own files: whatever fails, every rank hears of it in the gather below
+        if sharded:
+            shards, layout, optimizer_steps = engine.local_state()
+            written.update(_write(partial, shard_file(rank), shards, {"layout": json.dumps(layout)}))
+        elif rank == 0:
             written.update(_write(partial, TRAINABLE, params))
             written.update(_write(partial, OPTIMIZER, {f"{name}/{key}": t for name, keys in optimizer.items()
                                                        for key, t in keys.items()}))
-    rng, rng_states = capture_rng()
-    written.update(_write(partial, rank_file(rank), rng,
-                          {"rng": json.dumps(rng_states), "state": json.dumps(rank_state)}))
+        rng, rng_states = capture_rng()
+        written.update(_write(partial, rank_file(rank), rng,
+                              {"rng": json.dumps(rng_states), "state": json.dumps(rank_state)}))
+        if rank == 0:
+            for name, content in (files or {}).items():
+                with atomic_file(os.path.join(partial, name)) as f:  # a full disk: one line naming the file
+                    f.write(content)
+                written[name] = hashlib.sha256(content).hexdigest()
+    except Exception as e:  # noqa: BLE001 - a bug too: rank 0 removes the partial directory before any rank raises
+        own = e
+    why = None if own is None else str(own) if isinstance(own, UserError) else \
+        f"rank {rank}: {type(own).__name__}: {' '.join(str(own).split())[:200]}"
+    every_rank = gather_to_main((written, optimizer_steps, why))  # collective: every rank's files are in place
     if rank == 0:
-        for name, content in (files or {}).items():
-            with open(os.path.join(partial, name), "wb") as f:  # inside the partial directory: atomic with it
-                f.write(content)
-            written[name] = hashlib.sha256(content).hexdigest()
-    every_rank = gather_to_main((written, optimizer_steps))  # collective: every rank's files are in place
-    if rank == 0:
-        digests = {name: d for rank_written, _ in every_rank for name, d in rank_written.items()}
-        write_json(os.path.join(partial, runfiles.STATE_JSON),
-                   dict(state, step=step, optimizer_steps=max(s for _, s in every_rank),
-                        format="sharded" if sharded else "consolidated", files=dict(sorted(digests.items()))))
-        if os.path.isdir(final):  # the same step saved again (a resumed run's final save): replace it whole
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        _prune(root, keep_last)
-    dist.barrier()
+        failed = next((why for _, _, why in every_rank if why), None)
+        if failed is None:
+            try:
+                _complete(partial, final, step, state, every_rank, sharded)
+            except (UserError, OSError) as e:
+                failed = str(e)
+        if failed is None:
+            _prune(root, keep_last)
+        else:
+            shutil.rmtree(partial, ignore_errors=True)
+    failed = broadcast_object(failed)  # collective: every rank returns with the checkpoint in place, or raises
+    if own is not None and not isinstance(own, UserError):
+        raise own  # a bug: its traceback (the partial directory is gone all the same)
+    if failed:
+        raise UserError(f"{failed}; {not_saved} (its partial directory is removed)")  # the same line on every rank
     return final
+
+
+def _complete(partial: str, final: str, step: int, state: dict, every_rank: list, sharded: bool) -> None:
+    """Rank 0, once every rank has written its files: state.json (its record digest over the JSON as it reads
+    back), then the rename that makes the checkpoint complete."""
+    digests = {name: d for rank_written, _, _ in every_rank for name, d in rank_written.items()}
+    record = json.loads(json.dumps(dict(state, step=step, optimizer_steps=max(s for _, s, _ in every_rank),
+                                        format=FORMATS[sharded], files=dict(sorted(digests.items())))))
+    record[RECORD_DIGEST] = record_digest(record)
+    write_json(os.path.join(partial, runfiles.STATE_JSON), record)
+    if os.path.isdir(final):  # the same step saved again (a resumed run's final save): replace it whole
+        shutil.rmtree(final)
+    os.replace(partial, final)
 
 
 class CheckpointManager:
@@ -186,6 +232,7 @@ class CheckpointManager:
 
 
 _PRUNED = ".pruned_step_"
+_PARTIAL = ".partial-step_"
 
 
 def _prune(root: str, keep_last: int) -> None:
@@ -272,19 +319,55 @@ class Checkpoint:
         return int(self.state["step"])
 
     def problem(self) -> str | None:
-        """What is wrong with the files state.json lists, or None. (Checkpoints written before checksums were
-        kept list nothing: there is nothing to check.)"""
-        files = self.state.get("files", {})
+        """What is wrong with this checkpoint, or None; the one check `--resume` makes of it (a checkpoint with a
+        problem is skipped for an older one, or refused when named). The record first: its own digest, its fields'
+        types, its step against the directory's name; then the files it lists against their checksums, and that
+        it lists every file its format needs. A record without its digest, format or checksums (written by an
+        older spt_dist, or edited) has nothing that vouches for it: it is refused too."""
+        state, name = self.state, runfiles.STATE_JSON
+        missing = next((key for key in (RECORD_DIGEST, "format", "files") if key not in state), None)
+        if missing:
+            return f"{name} has no '{missing}' (edited, or written by an spt_dist before checkpoints had checksums)"
+        if state[RECORD_DIGEST] != record_digest(state):
+            return f"{name} does not match its record checksum ({RECORD_DIGEST}): edited or damaged"
+        for key, least in (("step", 0), ("optimizer_steps", 0), ("samples_seen", 0), ("world_size", 1)):
+            if type(state[key]) is not int or state[key] < least:  # not bool, float or str: what a save writes
+                return f"{name}'s '{key}' is not a whole number >= {least}: {state[key]!r}"
+        for key in ("scheduler", "config"):
+            if not isinstance(state[key], dict):
+                return f"{name}'s '{key}' is not a JSON object"
+        directory = _STEP_DIR.match(os.path.basename(os.path.normpath(self.directory)))
+        if directory and int(directory.group(1)) != state["step"]:  # (a copy under another name: not checked)
+            return f"{name} says step {state['step']}, the directory {directory.group(0)}"
+        fmt = state["format"]
+        if fmt not in FORMATS:
+            return f"{name}'s 'format' is {fmt!r}, not {' or '.join(map(repr, FORMATS))}"
+        files = state["files"]
         if not isinstance(files, dict):
-            return "state.json's 'files' is not a table of checksums"
-        for name, digest in files.items():
-            path = os.path.join(self.directory, name)
+            return f"{name}'s 'files' is not a table of checksums"
+        try:
+            unlisted = next((f for f in self._required_files() if f not in files), None)
+        except (KeyError, TypeError, UserError) as e:
+            return f"{name}'s config names no known method.name ({e})"
+        if unlisted:
+            return f"{name}'s 'files' does not list {unlisted}"
+        for file, digest in files.items():
+            path = os.path.join(self.directory, file)
             try:
-                if os.path.dirname(name) or file_digest(path) != digest:
-                    return f"{name} does not match its checksum"
+                if os.path.dirname(file) or file_digest(path) != digest:
+                    return f"{file} does not match its checksum"
             except OSError:  # gone (e.g. pruned by the job that wrote it) or unreadable
-                return f"{name} is missing or unreadable"
+                return f"{file} is missing or unreadable"
         return None
+
+    def _required_files(self) -> Iterator[str]:
+        """The files a checkpoint of this record's format, world size and method holds (as save_checkpoint writes
+        them), lazily: a damaged world size shows at its first missing rank."""
+        ranks = range(self.state["world_size"])
+        yield from map(shard_file, ranks) if self.sharded else (TRAINABLE, OPTIMIZER)
+        yield from map(rank_file, ranks)
+        if get_method(get_dotted(self.state["config"], "method.name")).selects:
+            yield from (runfiles.ALLOCATION_JSON, runfiles.ALLOCATION_INDICES)
 
     @property
     def sharded(self) -> bool:

@@ -111,7 +111,8 @@ class Trainer:
         if self.checkpoint and not exact:  # a new sharding of the data: begin the epoch the run was in again
             start_epoch = self.checkpoint.state["samples_seen"] // data.train_samples
         common = dict(rank=dist_info.rank, world=dist_info.world_size, num_classes=data.num_classes,
-                      workers=self.workers, max_member_mb=cfg.data.max_member_mb)
+                      workers=self.workers, max_member_mb=cfg.data.max_member_mb,
+                      max_image_pixels=cfg.data.max_image_pixels)
         self.train_stream = TrainStream(data.train_shards, transform=train_tf, batch_size=self.settings.batch_size,
                                         seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                                         start_epoch=start_epoch, **common)
