@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -28,13 +27,12 @@ import torch
 from torch import nn
 
 from spt_dist.config import EngineConfig, MethodConfig, OptimConfig, SelectionConfig
-from spt_dist.data.shards import read_json
 from spt_dist.distributed import all_reduce_, broadcast_object, rank, world_size
 from spt_dist.engines import ENGINE_SETTINGS
 from spt_dist.errors import UserError
 from spt_dist.methods import get_method
 from spt_dist.peft.allocated import apply_allocation, record_base_fingerprint
-from spt_dist.peft.artifact import CONFIG_FILE, load_pretrained, save_pretrained
+from spt_dist.peft.artifact import load_pretrained, read_config, save_pretrained
 from spt_dist.peft.baselines import apply_method, format_trainable_parameters, trainable_parameters
 from spt_dist.peft.tuned import SPARSE_MODES, Tuned
 from spt_dist.selection.allocation import Allocation, allocate_gps, allocate_spt
@@ -67,10 +65,16 @@ _BATCH_FORM = "(images, labels) pairs, {'images', 'labels'} dicts, or lists of t
 
 def _as_batch(item) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(item, dict) and torch.is_tensor(item.get("images")) and torch.is_tensor(item.get("labels")):
-        return item["images"], item["labels"]
-    if isinstance(item, (tuple, list)) and len(item) == 2 and all(torch.is_tensor(x) for x in item):
-        return item[0], item[1]
-    raise UserError(f"score: batches must be {_BATCH_FORM} (got {type(item).__name__})")
+        images, labels = item["images"], item["labels"]
+    elif isinstance(item, (tuple, list)) and len(item) == 2 and all(torch.is_tensor(x) for x in item):
+        images, labels = item
+    else:
+        raise UserError(f"score: batches must be {_BATCH_FORM} (got {type(item).__name__})")
+    # An empty batch has no gradient to score (its mean loss is NaN, or 0 for a custom loss): all-zero or NaN
+    # scores would then allocate as if they meant something.
+    if images.dim() == 0 or len(images) == 0:
+        raise UserError(f"score: a batch of {tuple(images.shape)} images: every batch needs at least one image")
+    return images, labels
 
 
 def _micro_batches(item) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -252,7 +256,7 @@ class PeftModel(nn.Module):
         """`model` (the base the artifact was trained from) with the artifact applied. Other base weights than
         the artifact's (its recorded fingerprint) are refused, untouched, unless `allow_other_base=True`."""
         model = load_pretrained(directory, model, allow_other_base=allow_other_base)
-        return cls(model, read_json(os.path.join(directory, CONFIG_FILE)).get("method", "peft"))
+        return cls(model, read_config(directory).get("method") or "peft")
 
     def merge_and_unload(self) -> nn.Module:
         """The base model with every delta and LoRA product folded into its weights, as plain layers (Adapters

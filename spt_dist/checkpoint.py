@@ -100,8 +100,7 @@ def record_digest(state: dict) -> str:
 
     Kept inside state.json rather than beside it: the record stays one file, written and renamed in one step.
     `files` is left out: each of its entries is checked against its file, and the table against the names the
-    format needs, so a change to it shows there already; and a record without one is read as a checkpoint from
-    before checksums (which lists nothing to check)."""
+    format needs, so a change to it shows there already."""
     return json_digest({key: value for key, value in state.items() if key not in (RECORD_DIGEST, "files")})
 
 

@@ -120,7 +120,16 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise UserError(f"model.checkpoint: no such file '{path}'") from None
     except Exception as e:  # corrupt file or pickled objects that weights_only refuses
-        raise UserError(f"model.checkpoint: cannot read '{path}': {_first_line(e)}") from None
+        text = str(e)
+        if "Weights only load failed" not in text:
+            raise UserError(f"model.checkpoint: cannot read '{path}': {_first_line(e)}") from None
+        # torch's own advice (weights_only=False) would run whatever code the file holds: say what is read.
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().split("\n", 1)[0] \
+            .split(" was not an allowed global", 1)[0] if "WeightsUnpickler error:" in text else ""
+        raise UserError(f"model.checkpoint: cannot read '{path}': not a file of plain tensors"
+                        + (f" ({detail})" if detail else "") + "; accepted: .safetensors, a torch file (.pth, .pt, "
+                        ".bin) of tensors only (a state dict, bare or under 'state_dict', 'model' or 'module', with "
+                        "plain metadata), or a JAX .npz; pickled Python objects are never loaded") from None
     for wrapper in ("state_dict", "model", "module"):  # common training-checkpoint layouts
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

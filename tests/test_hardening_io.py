@@ -93,13 +93,13 @@ def test_library_refuses_another_base_untouched_and_older_artifacts_still_load(l
         spt_dist.PeftModel.from_pretrained(other, str(tmp_path / "art"))
     assert not any(isinstance(m, Tuned) for m in other.modules())  # refused before any change
     spt_dist.PeftModel.from_pretrained(other, str(tmp_path / "art"), allow_other_base=True).merge_and_unload()
-    # An artifact of an older spt_dist (no fingerprint) loads onto any base of the right shapes.
+    # The fingerprint is under the config's checksum: taking it out does not switch the base check off.
     config_path = tmp_path / "art" / artifact.CONFIG_FILE
     config = json.loads(config_path.read_text())
     del config["base_fingerprint"]
     config_path.write_text(json.dumps(config))
-    torch.manual_seed(5)
-    spt_dist.PeftModel.from_pretrained(create_model(TINY, 4), str(tmp_path / "art")).merge_and_unload()
+    with pytest.raises(UserError, match="peft_config.json' does not match its checksum"):
+        spt_dist.PeftModel.from_pretrained(create_model(TINY, 4), str(tmp_path / "art"))
 
 
 def test_fingerprint_is_of_the_frozen_base_only(lora_allocation):
@@ -232,16 +232,18 @@ def test_checkpoint_state_without_its_keys_and_damaged_checkpoints_are_one_line(
     """state.json lacking a key is one line naming it; `--resume` of a run directory skips checkpoints that fail
     their checksums (or lost a file) for the newest intact one, saying which and why; a damaged checkpoint asked
     for by name, or none intact, is one line."""
-    from spt_dist.checkpoint import Checkpoint, file_digest, find_checkpoint
+    from spt_dist.checkpoint import RECORD_DIGEST, Checkpoint, file_digest, find_checkpoint, record_digest
     root = tmp_path / "run" / "checkpoints"
     for step in (1, 2, 3):
         directory = root / f"step_{step:08d}"
         directory.mkdir(parents=True)
-        (directory / "trainable.safetensors").write_bytes(b"weights %d" % step)
+        for name in ("trainable.safetensors", "optimizer.safetensors", "rank_00000.safetensors"):
+            (directory / name).write_bytes(b"%s %d" % (name.encode(), step))
         state = {"step": step, "optimizer_steps": step, "world_size": 1, "samples_seen": 8 * step, "scheduler": {},
-                 "config": {}, "files": {"trainable.safetensors": file_digest(str(directory / "trainable.safetensors"))}}
-        (directory / "state.json").write_text(json.dumps(state))
-    (root / "step_00000003" / "trainable.safetensors").write_bytes(b"weights 4")  # a flipped byte
+                 "config": {"method": {"name": "full"}}, "format": "consolidated",
+                 "files": {name: file_digest(str(directory / name)) for name in os.listdir(directory)}}
+        (directory / "state.json").write_text(json.dumps(dict(state, **{RECORD_DIGEST: record_digest(state)})))
+    (root / "step_00000003" / "trainable.safetensors").write_bytes(b"trainable.safetensors 4")  # a flipped byte
     (root / "step_00000002" / "trainable.safetensors").unlink()  # a lost file
     found, warnings = find_checkpoint(str(tmp_path / "run"), None)
     assert found == str(root / "step_00000001") and warnings == [

@@ -2,6 +2,12 @@
 
 `allocation.json` holds only what follows from the scores and the settings (no timings, no world size), so
 the same scores give byte-identical files on any world size and engine.
+
+The pair is checksummed: allocation.json's `sha256` holds the SHA-256 of allocation.safetensors (its bytes) and
+of the record itself (the JSON less `sha256`, compact with sorted keys); `Allocation.load` refuses a pair that
+does not match, or one without checksums (an older spt_dist's). What the record says is checked when it is
+applied (spt_dist.peft.allocated.check_allocation): it must be the record `spt_record` / `gps_record` give for
+its picks, settings and the model's layout, and its sparse units' picks the indices there are.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from spt_dist import runfiles
-from spt_dist.atomic import read_safetensors, write_safetensors, write_text
+from spt_dist.atomic import file_digest, json_digest, make_dirs, read_safetensors, write_safetensors, write_text
 
 from spt_dist.config import SelectionConfig
 from spt_dist.data.shards import read_json
@@ -24,7 +30,7 @@ from spt_dist.selection.layout import Layout, Unit, UnitCosts
 from spt_dist.selection.scores import LocalScores
 from spt_dist.selection.spt_allocation import ThresholdSearch, split_into_segments, target_cost
 
-
+CHECKSUMS = "sha256"  # allocation.json's key for the pair's checksums
 
 
 @dataclass
@@ -37,18 +43,45 @@ class Allocation:
         return self.record["method"]
 
     def save(self, directory: str) -> None:
-        """allocation.json and allocation.safetensors, each written whole (temporary file, then rename)."""
-        os.makedirs(directory, exist_ok=True)
-        write_text(os.path.join(directory, runfiles.ALLOCATION_JSON), json.dumps(self.record, indent=1) + "\n")
-        write_safetensors(os.path.join(directory, runfiles.ALLOCATION_INDICES), self.indices, {"method": self.method})
+        """allocation.safetensors, then allocation.json with the checksums of both (written last: the pair is
+        complete once it is there); each written whole (temporary file, then rename)."""
+        make_dirs(directory, "allocation")
+        indices = os.path.join(directory, runfiles.ALLOCATION_INDICES)
+        write_safetensors(indices, self.indices, {"method": self.method})
+        record = {k: v for k, v in self.record.items() if k != CHECKSUMS}
+        record[CHECKSUMS] = {"record": json_digest(record), runfiles.ALLOCATION_INDICES: file_digest(indices)}
+        write_text(os.path.join(directory, runfiles.ALLOCATION_JSON), json.dumps(record, indent=1) + "\n")
 
     @classmethod
     def load(cls, directory: str) -> "Allocation":
-        for name in (runfiles.ALLOCATION_JSON, runfiles.ALLOCATION_INDICES):
-            if not os.path.isfile(os.path.join(directory, name)):
-                raise UserError(f"allocation: '{os.path.join(directory, name)}' does not exist")
-        return cls(read_json(os.path.join(directory, runfiles.ALLOCATION_JSON)),
-                   read_safetensors(os.path.join(directory, runfiles.ALLOCATION_INDICES), "allocation"))
+        """The pair as saved, or one line: a file missing or unreadable, no checksums (an older spt_dist's), or a
+        file that does not match its checksum (damaged or edited). The record comes without its checksums."""
+        json_path, indices_path = (os.path.join(directory, name)
+                                   for name in (runfiles.ALLOCATION_JSON, runfiles.ALLOCATION_INDICES))
+        for path in (json_path, indices_path):
+            if not os.path.isfile(path):
+                raise UserError(f"allocation: '{path}' does not exist")
+        record = read_json(json_path)
+        indices = read_safetensors(indices_path, "allocation")
+        if not isinstance(record, dict):
+            raise UserError(f"allocation: '{json_path}' is not an allocation (a JSON object)")
+        sums = record.pop(CHECKSUMS, None)
+        if sums is None:
+            raise UserError(f"allocation: '{json_path}' has no checksum: written by an older spt_dist")
+        if not isinstance(sums, dict) or not all(isinstance(sums.get(k), str)
+                                                 for k in ("record", runfiles.ALLOCATION_INDICES)):
+            raise UserError(f"allocation: '{json_path}': '{CHECKSUMS}' is not a table of checksums (record, "
+                            f"{runfiles.ALLOCATION_INDICES})")
+        if json_digest(record) != sums["record"]:
+            raise UserError(f"allocation: '{json_path}' does not match its checksum (damaged or edited)")
+        try:
+            digest = file_digest(indices_path)
+        except OSError as e:
+            raise UserError(f"allocation: cannot read '{indices_path}' ({e.strerror or e})") from None
+        if digest != sums[runfiles.ALLOCATION_INDICES]:
+            raise UserError(f"allocation: '{indices_path}' does not match the checksum in "
+                            f"{runfiles.ALLOCATION_JSON} (damaged or edited)")
+        return cls(record, indices)
 
 
 def _score_of_key(key: int) -> float | None:
@@ -83,78 +116,88 @@ def _gather_indices(local: dict[str, list[torch.Tensor]], layout: Layout) -> dic
     return out
 
 
-def allocate_spt(scores: LocalScores, layout: Layout, sel: SelectionConfig) -> Allocation:
-    sel = sel.resolved()
-    costs = UnitCosts(layout, sel.structured, sel.module_rank, sel.alpha, sel.beta)
-    target = target_cost(sel.budget, layout)
-    search = ThresholdSearch(split_into_segments(scores, layout), layout, costs)
-    cut = search.closest_to(target)
-    switched = costs.switched(cut.picks).tolist()
-    unit_cost = costs.per_unit(cut.picks).tolist()
-    picks = cut.picks.tolist()
+def spt_record(layout: Layout, settings: dict, picks: list[int], threshold: dict) -> dict:
+    """allocation.json of an SPT allocation (SPEC 2): each unit's decision and cost, the totals, τ and the cost
+    follow from its picks (per unit, in layout order), the settings and the layout; `threshold` (where the
+    scores were cut) is recorded as given. allocate_spt writes it; check_allocation compares a record with it."""
+    structured, rank = settings["structured"], settings["module_rank"]
+    costs = UnitCosts(layout, structured, rank, settings["alpha"], settings["beta"])
+    target = target_cost(settings["budget"], layout)
+    counts = torch.tensor(picks, dtype=torch.int64)
+    switched, unit_cost = costs.switched(counts).tolist(), costs.per_unit(counts).tolist()
+    cost = int(costs.total(counts))
 
-    units, sparse = [], set()
+    units = []
     for i, u in enumerate(layout.units):
         if picks[i] == 0:
             decision = "frozen"
         elif switched[i]:
-            decision = sel.structured if u.kind == "matrix" else "full"
+            decision = structured if u.kind == "matrix" else "full"
         else:
             decision = "sparse"
-            sparse.add(i)
         entry = {"name": u.name, "tensor": u.tensor, "kind": u.kind, "size": u.size, "picks": picks[i],
                  "decision": decision, "cost": unit_cost[i]}
         entry.update(_rows(u, layout))
         if decision in ("lora", "adapter"):
-            entry["rank"] = sel.module_rank
+            entry["rank"] = rank
         units.append(entry)
 
-    local: dict[str, list[torch.Tensor]] = {}
-    for unit, gidx in search.selected(cut, sparse):
-        tensor = layout.tensor(layout.units[unit].tensor)
-        local.setdefault(tensor.name, []).append(gidx - tensor.offset)
-    indices = _gather_indices(local, layout)
-
     by = lambda d: [u for u in units if u["decision"] == d]  # noqa: E731
-    record = {
+    return {
         "method": "spt",
-        "settings": {"budget": sel.budget, "structured": sel.structured, "module_rank": sel.module_rank,
-                     "alpha": sel.alpha, "beta": sel.beta},
+        "settings": settings,
         "target": target,
-        "cost": cut.cost,
-        "cost_minus_target": cut.cost - target,
-        "tau": cut.tau,
-        "threshold": {"score": _score_of_key(cut.key), "tie_index": cut.index},
+        "cost": cost,
+        "cost_minus_target": cost - target,
+        "tau": sum(picks),
+        "threshold": threshold,
         "scored_params": layout.scored_params,
         "backbone_params": layout.backbone_params,
         "totals": {
             "sparse_entries": sum(u["cost"] for u in by("sparse")),
             "sparse_units": len(by("sparse")),
-            "modules": len(by(sel.structured)) if sel.structured != "none" else 0,
-            "module_params": sum(u["cost"] for u in by(sel.structured)) if sel.structured != "none" else 0,
+            "modules": len(by(structured)) if structured != "none" else 0,
+            "module_params": sum(u["cost"] for u in by(structured)) if structured != "none" else 0,
             "full_vectors": len(by("full")),
             "full_vector_params": sum(u["cost"] for u in by("full")),
             "cls_token": layout.fixed_full.get("cls_token", 0),
         },
         "units": units,
     }
-    return Allocation(record, indices)
 
 
-def allocate_gps(scores: LocalScores, layout: Layout, sel: SelectionConfig) -> Allocation:
-    rows = select_rows(scores, layout, sel.k)
-    indices = {name: idx.to(_index_dtype(layout)) for name, idx in rows.items()}
-    units = [{"name": u.name, "tensor": u.tensor, "kind": u.kind, "size": u.size, "picks": u.rows * sel.k,
-              "decision": "sparse", "cost": u.rows * sel.k} for u in layout.units]
+def allocate_spt(scores: LocalScores, layout: Layout, sel: SelectionConfig) -> Allocation:
+    sel = sel.resolved()
+    costs = UnitCosts(layout, sel.structured, sel.module_rank, sel.alpha, sel.beta)
+    search = ThresholdSearch(split_into_segments(scores, layout), layout, costs)
+    cut = search.closest_to(target_cost(sel.budget, layout))
+    settings = {"budget": sel.budget, "structured": sel.structured, "module_rank": sel.module_rank,
+                "alpha": sel.alpha, "beta": sel.beta}
+    record = spt_record(layout, settings, cut.picks.tolist(), {"score": _score_of_key(cut.key), "tie_index": cut.index})
+
+    sparse = {i for i, u in enumerate(record["units"]) if u["decision"] == "sparse"}
+    local: dict[str, list[torch.Tensor]] = {}
+    for unit, gidx in search.selected(cut, sparse):
+        tensor = layout.tensor(layout.units[unit].tensor)
+        local.setdefault(tensor.name, []).append(gidx - tensor.offset)
+    return Allocation(record, _gather_indices(local, layout))
+
+
+def gps_record(layout: Layout, k: int) -> dict:
+    """allocation.json of a GPS allocation (SPEC 3): everything follows from k and the layout (k picks per output
+    row of every scored tensor; Linear/conv biases and layer scales in full). allocate_gps writes it;
+    check_allocation compares a record with it."""
+    units = [{"name": u.name, "tensor": u.tensor, "kind": u.kind, "size": u.size, "picks": u.rows * k,
+              "decision": "sparse", "cost": u.rows * k} for u in layout.units]
     for entry, u in zip(units, layout.units):
         entry.update(_rows(u, layout))
     # What GPS trains in full whatever the scores (SPEC 3): Linear/conv biases and layer scales.
     units += [{"name": name, "tensor": name, "kind": "vector", "size": numel, "decision": "full", "cost": numel}
               for name, numel in layout.fixed_full.items()]
     sparse = sum(u["cost"] for u in units if u["decision"] == "sparse")
-    record = {
+    return {
         "method": "gps",
-        "settings": {"k": sel.k},
+        "settings": {"k": k},
         "cost": sparse + layout.fixed_full_params,
         "scored_params": layout.scored_params,
         "backbone_params": layout.backbone_params,
@@ -162,7 +205,12 @@ def allocate_gps(scores: LocalScores, layout: Layout, sel: SelectionConfig) -> A
                    "full_vectors": len(layout.fixed_full), "full_vector_params": layout.fixed_full_params},
         "units": units,
     }
-    return Allocation(record, indices)
+
+
+def allocate_gps(scores: LocalScores, layout: Layout, sel: SelectionConfig) -> Allocation:
+    rows = select_rows(scores, layout, sel.k)
+    indices = {name: idx.to(_index_dtype(layout)) for name, idx in rows.items()}
+    return Allocation(gps_record(layout, sel.k), indices)
 
 
 def check_selection(layout: Layout, sel: SelectionConfig) -> None:
