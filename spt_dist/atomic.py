@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
@@ -123,10 +124,25 @@ def write_json(path: str, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def open_regular(path: str, mode: str = "rb") -> IO:
+    """open(path, mode) for reading, refused (OSError EINVAL "not a regular file") unless it is a regular file: a
+    FIFO put where a file is expected would block the open for ever, and /dev/zero would never end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # O_NONBLOCK: a FIFO's open returns at once
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def file_digest(path: str) -> str:
-    """The SHA-256 of a file's bytes, in hex (what checkpoints, artifacts and allocations record)."""
+    """The SHA-256 of a file's bytes, in hex (what checkpoints, artifacts and allocations record); OSError for a
+    path that is not a regular file (open_regular)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()

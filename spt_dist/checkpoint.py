@@ -47,7 +47,7 @@ from spt_dist.config import get_dotted
 from spt_dist.data.shards import read_json
 from spt_dist.distributed import broadcast_object, gather_to_main
 from spt_dist.engines.base import ADAM_STATE, Engine
-from spt_dist.errors import UserError
+from spt_dist.errors import PeerFailed, UserError
 from spt_dist.methods import get_method
 
 TRAINABLE = "trainable.safetensors"
@@ -167,25 +167,28 @@ def save_checkpoint(run_dir: str, step: int, *, engine: Engine, state: dict, ran
                 written[name] = hashlib.sha256(content).hexdigest()
     except Exception as e:  # noqa: BLE001 - a bug too: rank 0 removes the partial directory before any rank raises
         own = e
-    why = None if own is None else str(own) if isinstance(own, UserError) else \
-        f"rank {rank}: {type(own).__name__}: {' '.join(str(own).split())[:200]}"
-    every_rank = gather_to_main((written, optimizer_steps, why))  # collective: every rank's files are in place
+    bug = own is not None and not isinstance(own, UserError)
+    why = None if own is None else f"rank {rank}: {type(own).__name__}: {' '.join(str(own).split())[:200]}" \
+        if bug else str(own)
+    every_rank = gather_to_main((written, optimizer_steps, (why, bug)))  # collective: every rank's files are in place
     if rank == 0:
-        failed = next((why for _, _, why in every_rank if why), None)
-        if failed is None:
+        failed = next((failure for *_, failure in every_rank if failure[0]), (None, False))
+        if failed[0] is None:
             try:
                 _complete(partial, final, step, state, every_rank, sharded)
             except (UserError, OSError) as e:
-                failed = str(e)
-        if failed is None:
+                failed = (str(e), False)
+        if failed[0] is None:
             _prune(root, keep_last)
         else:
             shutil.rmtree(partial, ignore_errors=True)
-    failed = broadcast_object(failed)  # collective: every rank returns with the checkpoint in place, or raises
-    if own is not None and not isinstance(own, UserError):
+    failed = broadcast_object(failed if rank == 0 else None)  # collective: every rank returns, or raises
+    if bug:
         raise own  # a bug: its traceback (the partial directory is gone all the same)
-    if failed:
-        raise UserError(f"{failed}; {not_saved} (its partial directory is removed)")  # the same line on every rank
+    if failed[1]:  # another rank's bug, which that rank reports
+        raise PeerFailed(f"{failed[0]}; {not_saved} (its partial directory is removed)")
+    if failed[0]:
+        raise UserError(f"{failed[0]}; {not_saved} (its partial directory is removed)")  # the same line on every rank
     return final
 
 
@@ -355,8 +358,8 @@ class Checkpoint:
             try:
                 if os.path.dirname(file) or file_digest(path) != digest:
                     return f"{file} does not match its checksum"
-            except OSError:  # gone (e.g. pruned by the job that wrote it) or unreadable
-                return f"{file} is missing or unreadable"
+            except OSError as e:  # gone (e.g. pruned by the job that wrote it), unreadable, or no regular file
+                return f"{file} is missing or unreadable ({e.strerror or e})"
         return None
 
     def _required_files(self) -> Iterator[str]:

@@ -4,6 +4,7 @@ The collectives below also work without any process group (a library user's plai
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import threading
@@ -135,6 +136,7 @@ _ERROR_KEY = "spt_dist/error/{}"
 _ERRORS_KEY = "spt_dist/errors"  # how many ranks have posted one: what the watchers poll (one request each)
 _SAID_KEY = "spt_dist/said"  # how many of those have printed theirs, or decided not to
 _SEEN_KEY = "spt_dist/seen/{}"  # a rank has read another's error and is going
+_CLAIM_KEY = "spt_dist/claim/{}"  # per message (its digest): how many ranks meant to print it; the first does
 _SAY_WAIT_S = 5.0  # the longest a rank waits for another to say its error before this rank's exit ends the job
 
 
@@ -193,18 +195,23 @@ class ErrorExchange:
             return
         try:
             self.store.add(_SAID_KEY, 1)
+            if self.me != 0:  # this rank's last use of the store: rank 0, which may host it, can go
+                self.store.set(_SEEN_KEY.format(self.me), "1")
         except (RuntimeError, ValueError):
             return
         self._hand_over()
 
-    def another_said(self) -> bool:
-        """Whether another rank has posted an error (and said it, once it could): this rank's own failure then
-        follows from it (a collective that lost that rank) and is not worth saying."""
+    def another_said(self, wait_s: float = 0.0) -> bool:
+        """Whether another rank has posted an error, waiting up to `wait_s` for one (and until it is said): this
+        rank's own failure then follows from it (a collective that lost that rank) and is not worth saying."""
         if self.store is None:
             return False
         try:
-            if not self.store.add(_ERRORS_KEY, 0):
-                return False
+            deadline = time.monotonic() + wait_s
+            while not self.store.add(_ERRORS_KEY, 0):
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)
             self._wait_said()
             self.store.set(_SEEN_KEY.format(self.me), "1")
             return True
@@ -212,23 +219,22 @@ class ErrorExchange:
             return False
 
     def _should_say(self, message: str, wait_s: float = 2.0) -> bool:
+        """Posts this rank's error; True for the one rank that should print it: the first to claim its message
+        (an atomic counter per message, so two ranks never print the same one). Another rank than 0 first gives
+        rank 0 up to `wait_s` to post, so an error every rank meets is said by rank 0, without a rank prefix."""
         self.own = True
         if self.store is None:
             return self.me == 0
         try:
             self.store.set(_ERROR_KEY.format(self.me), message)
             self.store.add(_ERRORS_KEY, 1)
-            if self.me == 0:
-                return True
-            key, deadline = _ERROR_KEY.format(0), time.monotonic() + wait_s
-            while time.monotonic() < deadline:
-                if self.store.check([key]):
-                    self.store.set(_SEEN_KEY.format(self.me), "1")
-                    return self.store.get(key).decode() != message
+            deadline = time.monotonic() + (wait_s if self.me else 0.0)
+            while time.monotonic() < deadline and not self.store.check([_ERROR_KEY.format(0)]):
                 time.sleep(0.05)
+            claim = _CLAIM_KEY.format(hashlib.sha256(message.encode()).hexdigest()[:32])
+            return self.store.add(claim, 1) == 1
         except (RuntimeError, ValueError):  # the store went with its host: say it here
-            pass
-        return True
+            return True
 
     def _hand_over(self, wait_s: float = 10.0) -> None:
         """Rank 0, after its own error: keep the store up until every other rank has seen it (or `wait_s`)."""

@@ -63,6 +63,7 @@ class _LauncherWatch:
 
     def __init__(self) -> None:
         self.watched: list[tuple[int, int]] = []  # (pid, its parent when we started)
+        self.gone_at_start: str | None = None
         if not os.path.isdir("/proc"):
             return
         me, parent = os.getpid(), os.getppid()
@@ -70,11 +71,18 @@ class _LauncherWatch:
         if not any(name in launcher for name in _LAUNCHERS):
             return
         self.watched.append((me, parent))
-        grandparent = _parent_of(parent)
-        if grandparent and grandparent > 1 and _DEEPSPEED_LAUNCH in launcher:
-            self.watched.append((parent, grandparent))
+        if _DEEPSPEED_LAUNCH in launcher:
+            grandparent = _parent_of(parent)
+            if grandparent is not None and grandparent <= 1:
+                # The `deepspeed` command died before this rank started (its launch process was handed to init):
+                # nothing will signal this rank, and nothing waits for it.
+                self.gone_at_start = f"the exit of its launcher (the deepspeed command above pid {parent})"
+            elif grandparent:
+                self.watched.append((parent, grandparent))
 
     def gone(self) -> str | None:
+        if self.gone_at_start:
+            return self.gone_at_start
         for pid, parent in self.watched:
             if _parent_of(pid) != parent:
                 return f"the exit of its launcher (pid {parent})"

@@ -15,7 +15,9 @@ import warnings
 
 from spt_dist import preemption
 from spt_dist.cli import TRAIN_STAGES, print_user_error
-from spt_dist.errors import Stopped, UserError
+from spt_dist.errors import PeerFailed, Stopped, UserError
+
+_PEER_REPORT_S = 10.0  # how long a rank waits for the report of the peer whose failure stopped it
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -63,24 +65,30 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"spt_dist: {e}", flush=True)
         return 0
+    # No shutdown_distributed on the way out after an error: leaving the group can hang with a collective in
+    # flight, or reach for a store whose host (rank 0) has gone; exit_now ends the process without it.
     except UserError as e:
         _report(errors, str(e), lambda e=e: print_user_error(e, rank=rank), alone=rank == 0)  # once (0's when all met it)
-        shutdown_distributed(wait=False)
         return 2
-    except Exception as e:  # no shutdown_distributed here: leaving the group can hang with a collective in flight
+    except PeerFailed as e:  # another rank's unexpected error, which that rank is reporting
+        preemption.ending()
+        if errors is None or not errors.another_said(wait_s=_PEER_REPORT_S):
+            print_user_error(UserError(f"stopped: {e}"), rank=rank)
+        return 2
+    except Exception as e:
         preemption.ending()  # from here a stop signal or the launcher's exit ends this rank at once
-        stop = preemption.received()
-        if stop:  # a start-up step (DeepSpeed's op build, the rendezvous) cut short by the stop signal
-            _report(errors, "stopped", lambda e=e: print(
-                f"spt_dist: stopped by {stop} ({_one_line(e)}) before it could save; run the same command again "
-                "(with --resume latest once the run has a checkpoint)", flush=True), alone=rank == 0)
-            return 0
         if errors is not None and errors.another_said():
             return 2  # a consequence of another rank's error (a collective that lost it): that rank has said why
         if lost_peers(e):  # a peer died (killed, out of memory) without a word: its own output says how
             print_user_error(UserError(f"lost the other ranks ({_one_line(e)}): one of them stopped or died; its "
                                        "output says why"), rank=rank)
             return 2
+        stop = preemption.received()
+        if stop:  # a start-up step (DeepSpeed's op build, the rendezvous) cut short by the stop signal
+            _report(errors, "stopped", lambda e=e: print(
+                f"spt_dist: stopped by {stop} ({_one_line(e)}) before it could save; run the same command again "
+                "(with --resume latest once the run has a checkpoint)", flush=True), alone=rank == 0)
+            return 0
         # Our own failure (a bug, or an environment we did not foresee): every other rank is told through the
         # job's store and ends at once, rather than waiting in its next collective until the timeout.
         _report(errors, _one_line(e), lambda e=e: print(

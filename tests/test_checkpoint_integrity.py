@@ -222,3 +222,25 @@ def test_a_full_disk_during_a_2_rank_save_is_one_line_and_leaves_no_partial(synt
     assert "no space left" in errors[0] and ".partial-step_00000001/trainable.safetensors" in errors[0], errors
     assert err.count("Traceback (most recent call last)") == 1 and "ChildFailedError" in err  # torchrun's own
     assert out.split("LISTING", 1)[1].split() == [".", ".."], out[-1000:]
+
+
+@pytest.mark.parametrize("replace", ["fifo", "dev_zero"])
+def test_a_file_that_is_no_regular_file_is_skipped_without_reading_it(run, tmp_path, replace):
+    """Before: the digest of a FIFO or of /dev/zero never returned (a resume hung, printing nothing)."""
+    run_dir, previous, newest = copied(run, tmp_path)
+    target = newest / "trainable.safetensors"
+    target.unlink()
+    if replace == "fifo":
+        os.mkfifo(target)
+    else:
+        target.symlink_to("/dev/zero")
+    assert_skipped(run_dir, previous, newest, "trainable.safetensors is missing or unreadable (not a regular file)")
+
+
+def test_a_record_nested_past_the_parser_is_skipped(run, tmp_path):
+    run_dir, previous, newest = copied(run, tmp_path)
+    (newest / "state.json").write_text("[" * 100_000 + "]" * 100_000)
+    found, warnings = find_checkpoint("latest", str(run_dir))
+    assert found == str(previous) and len(warnings) == 1 and "cannot read JSON (nested too deeply)" in warnings[0]
+    with pytest.raises(UserError, match=r"state.json: cannot read JSON \(nested too deeply\)$"):
+        find_checkpoint(str(newest), None)

@@ -48,7 +48,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from spt_dist.atomic import atomic_file, make_temp_dir, require_directory, write_json
+from spt_dist.atomic import atomic_file, make_temp_dir, open_regular, require_directory, write_json
 from spt_dist.cli import command
 from spt_dist.data.benchmarks import SUITES, Task
 from spt_dist.errors import UserError
@@ -134,10 +134,12 @@ def read_json(path: str, default=None):
     if not os.path.exists(path):
         return default
     try:
-        with open(path) as f:
+        with open_regular(path, "r") as f:
             return json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot read JSON ({e})") from None
+    except RecursionError:  # nested deeper than the parser goes: no file we write is
+        raise UserError(f"{path}: cannot read JSON (nested too deeply)") from None
 
 
 # The fewest bytes a sample takes in a tar: two members (image, label) of at least a 512-byte header each.

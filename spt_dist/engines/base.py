@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from spt_dist.errors import UserError
 from spt_dist.config import EngineConfig, OptimConfig
 
 # AdamW's per-entry state: what a checkpoint keeps of the optimizer besides its step count.
@@ -107,7 +108,10 @@ class Engine(ABC):
         lambdas = scheduler.lr_lambdas
         scheduler.load_state_dict(state)
         scheduler.lr_lambdas = lambdas  # ours are closures: state_dict() leaves them out, keep this run's
-        lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        try:
+            lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        except (TypeError, ValueError) as e:  # a record whose checksum was recomputed after an edit
+            raise UserError(f"--resume: the checkpoint's scheduler state does not load ({e})") from None
         for group, lr in zip(scheduler.optimizer.param_groups, lrs):
             group["lr"] = lr
         scheduler._last_lr = lrs
