@@ -248,7 +248,8 @@ def test_checkpoint_state_without_its_keys_and_damaged_checkpoints_are_one_line(
     found, warnings = find_checkpoint(str(tmp_path / "run"), None)
     assert found == str(root / "step_00000001") and warnings == [
         f"skipped the damaged checkpoint {root / 'step_00000003'}: trainable.safetensors does not match its checksum",
-        f"skipped the damaged checkpoint {root / 'step_00000002'}: trainable.safetensors is missing or unreadable"]
+        f"skipped the damaged checkpoint {root / 'step_00000002'}: trainable.safetensors is missing or unreadable "
+        "(No such file or directory)"]
     with pytest.raises(UserError, match="step_00000003 is damaged: trainable.safetensors does not match"):
         find_checkpoint(str(root / "step_00000003"), None)
 
