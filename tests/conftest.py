@@ -15,7 +15,8 @@ TRAIN = str(REPO / "launch" / "train.py")
 # The longest files first (about 100-400 s each on 2 cores): .ci/run hands whole files to two pytest-xdist
 # workers in collection order (--dist loadfile --no-loadscope-reorder), so none of them starts last.
 LONGEST_FIRST = ("test_slurm_cluster.py", "test_resume.py", "test_runs.py", "test_selection_runs.py",
-                 "test_peft_training.py", "test_engines_exact.py", "test_library.py", "test_scaling.py",
+                 "test_peft_training.py", "test_unexpected_errors.py", "test_engines_exact.py", "test_library.py",
+                 "test_checkpoint_integrity.py", "test_scaling.py",
                  "test_backbones.py", "test_gpu_check.py")
 
 
