@@ -188,7 +188,7 @@ class ErrorExchange:
 
     def report(self, message: str, say: Callable[[], None]) -> None:
         """Posts this rank's error `message` and calls `say()` (which prints it) unless another rank says the
-        same: rank 0 always says its own; another rank unless rank 0 posts the same message within 2 s."""
+        same message (`_should_say`: the first rank to claim it; rank 0 first when every rank meets it)."""
         if self._should_say(message):
             say()
         if self.store is None:

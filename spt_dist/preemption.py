@@ -181,6 +181,8 @@ class Preemption:
 
     @property
     def received(self) -> str | None:
+        # Read at every step boundary too, not only by the watcher thread (once a second): a launcher's exit is then
+        # seen before the signals that may follow it (DeepSpeed's orphaned launch process terminating its ranks).
         if _FLAG.received is None and _FLAG.watch is not None:
             _FLAG.received = _FLAG.watch.gone()
         return _FLAG.received
